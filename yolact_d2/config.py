@@ -1,0 +1,90 @@
+"""Config options of yolact-d2, added to a detectron2 ``CfgNode`` by :func:`add_yolact_config`.
+
+Every option the plugin reads lives here, with the original implementation's value as default
+(``yolact_resnet50_config`` of the authors' code unless a comment says otherwise).
+"""
+from detectron2.config import CfgNode as CN
+
+
+def add_yolact_config(cfg):
+    """Add the ``MODEL.YOLACT`` and ``INPUT.SSD`` nodes (and a few related keys) to ``cfg`` in place.
+
+    Call it once, before ``merge_from_file``; a YAML key that is not defined here or by detectron2
+    makes ``merge_from_file`` raise ``KeyError`` ("Non-existent config key").
+    """
+    _C = cfg
+    _C.MODEL.YOLACT = CN()
+    # Number of foreground classes C. Class scores have C + 1 entries, background last.
+    _C.MODEL.YOLACT.NUM_CLASSES = 80
+    # Side of the square network input in pixels. Test images are resized to it inside the model
+    # (bilinear, aspect not kept), so INPUT.MIN_SIZE_TEST is 0 in the configs.
+    _C.MODEL.YOLACT.INPUT_SIZE = 550
+    # FPN levels fed to the prediction head (P3-P7) and the one the protonet reads.
+    _C.MODEL.YOLACT.IN_FEATURES = ["p3", "p4", "p5", "p6", "p7"]
+    _C.MODEL.YOLACT.PROTONET_IN_FEATURE = "p3"
+    # k, the number of prototype masks (paper Sec. 3.1).
+    _C.MODEL.YOLACT.NUM_PROTOTYPES = 32
+
+    # Priors (anchors). One list of scales (pixels at INPUT_SIZE) per level; YOLACT++ uses three.
+    _C.MODEL.YOLACT.ANCHOR_SCALES = [[24], [48], [96], [192], [384]]
+    # Aspect ratios a = width / height, the same on every level: w = s*sqrt(a), h = s/sqrt(a).
+    _C.MODEL.YOLACT.ANCHOR_ASPECT_RATIOS = [1.0, 0.5, 2.0]
+    # YOLACT v1 kept a bug of the original code: height = width for every ratio ("square
+    # anchors"). Needed to reproduce released v1 checkpoints; YOLACT++ sets it False.
+    _C.MODEL.YOLACT.SQUARE_ANCHORS = True
+    # Centre-size box coding variances (0.1, 0.2), as detectron2 Box2BoxTransform weights.
+    _C.MODEL.YOLACT.BBOX_REG_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
+
+    # Inference (original Detect + postprocess).
+    # Priors whose best foreground score is not above this are dropped before NMS.
+    _C.MODEL.YOLACT.SCORE_THRESH_TEST = 0.05
+    # "fast" (the paper's Fast NMS), "cluster" (Cluster-Fast NMS, YOLACT++ repo) or
+    # "standard" (torchvision batched_nms).
+    _C.MODEL.YOLACT.NMS_TYPE = "fast"
+    # Suppress every class together (class-agnostic) instead of per class.
+    _C.MODEL.YOLACT.NMS_CLASS_AGNOSTIC = False
+    _C.MODEL.YOLACT.NMS_THRESH_TEST = 0.5
+    # Candidates per class considered by NMS, highest scores first.
+    _C.MODEL.YOLACT.NMS_TOP_K = 200
+    # Detections kept per image after NMS, over all classes.
+    _C.MODEL.YOLACT.DETECTIONS_PER_IMAGE = 100
+    # Assembled masks are binarised at this probability after upsampling.
+    _C.MODEL.YOLACT.MASK_THRESHOLD = 0.5
+
+    # Training targets and losses (paper Sec. 3 and the original MultiBoxLoss).
+    _C.MODEL.YOLACT.POS_IOU_THRESH = 0.5
+    _C.MODEL.YOLACT.NEG_IOU_THRESH = 0.4
+    # A non-positive prior covered by a crowd box over this fraction of its own area is ignored.
+    _C.MODEL.YOLACT.CROWD_IOU_THRESH = 0.7
+    # Hard negatives per positive in the class loss (online hard-negative mining).
+    _C.MODEL.YOLACT.NEG_POS_RATIO = 3
+    _C.MODEL.YOLACT.CLASS_LOSS_WEIGHT = 1.0
+    _C.MODEL.YOLACT.BOX_LOSS_WEIGHT = 1.5
+    _C.MODEL.YOLACT.MASK_LOSS_WEIGHT = 6.125
+    _C.MODEL.YOLACT.SEM_SEG_LOSS_WEIGHT = 1.0
+    # At most this many positives per image train masks; extra ones are sampled at random.
+    _C.MODEL.YOLACT.MASKS_TO_TRAIN = 100
+
+    # YOLACT++ fast mask re-scoring (paper v2 Sec. 3.2).
+    _C.MODEL.YOLACT.MASK_RESCORING = CN()
+    _C.MODEL.YOLACT.MASK_RESCORING.ENABLED = False
+    _C.MODEL.YOLACT.MASK_RESCORING.LOSS_WEIGHT = 25.0
+    # Ground-truth masks of at most this many pixels on the prototype grid are not trained.
+    _C.MODEL.YOLACT.MASK_RESCORING.MIN_GT_AREA = 25
+
+    # YOLACT++ deformable convs: stages come from MODEL.RESNETS.DEFORM_ON_PER_STAGE; inside a
+    # deformable stage, block i is deformable when i % DEFORM_INTERVAL == 0 (3 for R-101).
+    _C.MODEL.YOLACT.DEFORM_INTERVAL = 1
+
+    # SSD-style training augmentation (original utils/augmentations.py SSDAugmentation).
+    _C.INPUT.SSD = CN()
+    _C.INPUT.SSD.ENABLED = True
+    # Random brightness, contrast, saturation, hue (photometric distortion).
+    _C.INPUT.SSD.PHOTOMETRIC = True
+    # Zoom out: place the image on a mean-filled canvas up to MAX_EXPAND times larger, with p 0.5.
+    _C.INPUT.SSD.EXPAND = True
+    _C.INPUT.SSD.MAX_EXPAND = 4.0
+    # Min-IoU random crop (SSD Sec. 2.2).
+    _C.INPUT.SSD.MIN_IOU_CROP = True
+    # Boxes narrower or shorter than this many pixels after the final resize are dropped.
+    _C.INPUT.SSD.MIN_BOX_SIZE = 4.0
