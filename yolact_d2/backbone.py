@@ -1,0 +1,158 @@
+"""YOLACT's backbone: a detectron2 ResNet (optionally with DCNv2 blocks) and the original P3-P7 FPN.
+
+detectron2's own FPN differs from the original YOLACT FPN in ways that change the outputs:
+nearest top-down upsampling (original: bilinear to the exact lower-level size), no ReLU after the
+output convs (original: ReLU on P3-P5), and a max-pool or P5/C5-based P6 (original: 3x3 stride-2
+convs on ReLU(P5) and P6). :class:`YolactFPN` reproduces the original.
+"""
+import copy
+import math
+from typing import Dict, List
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import deform_conv2d
+
+from detectron2.layers import Conv2d, ShapeSpec, get_norm
+from detectron2.modeling import BACKBONE_REGISTRY, Backbone
+from detectron2.modeling.backbone.resnet import build_resnet_backbone
+
+__all__ = ["YolactFPN", "ModulatedDeformConv", "build_yolact_resnet", "build_yolact_resnet_fpn_backbone"]
+
+
+class YolactFPN(Backbone):
+    """P3-P7 feature pyramid of the original YOLACT (``yolact.py`` class ``FPN``).
+
+    Lateral 1x1 convs on C3-C5; top-down pathway with bilinear upsampling (align_corners=False) to
+    the exact size of the lower level; 3x3 output convs followed by ReLU on P3-P5; P6 and P7 are
+    3x3 stride-2 convs (padding 1, no ReLU) on ReLU(P5) and on P6. No padding of the input to a
+    multiple of 32, so a 550x550 input gives feature sizes 69, 35, 18, 9, 5.
+
+    ``forward(x)`` takes normalised images (N, 3, H, W) and returns ``{"p3": (N, 256, H/8, W/8),
+    ..., "p7": (N, 256, H/128, W/128)}`` (sizes rounded up by each stride-2 conv).
+    """
+
+    def __init__(self, bottom_up: Backbone, in_features: List[str], out_channels: int = 256):
+        super().__init__()
+        if len(in_features) != 3:
+            raise ValueError(f"YolactFPN needs three bottom-up features (C3, C4, C5), got {in_features}")
+        self.bottom_up = bottom_up
+        self.in_features = list(in_features)
+        shapes = bottom_up.output_shape()
+        for level, name in zip((3, 4, 5), self.in_features):
+            self.add_module(f"lateral_p{level}", Conv2d(shapes[name].channels, out_channels, 1))
+            self.add_module(f"output_p{level}", Conv2d(out_channels, out_channels, 3, padding=1))
+        self.p6 = Conv2d(out_channels, out_channels, 3, stride=2, padding=1)
+        self.p7 = Conv2d(out_channels, out_channels, 3, stride=2, padding=1)
+        base_stride = shapes[self.in_features[0]].stride
+        self._out_features = [f"p{i}" for i in range(3, 8)]
+        self._out_feature_channels = {f: out_channels for f in self._out_features}
+        self._out_feature_strides = {f"p{i}": base_stride * 2 ** (i - 3) for i in range(3, 8)}
+
+    @property
+    def size_divisibility(self) -> int:
+        return 0  # the original never pads its input
+
+    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        bottom_up = self.bottom_up(x)
+        c3, c4, c5 = (bottom_up[f] for f in self.in_features)
+        p5 = self.lateral_p5(c5)
+        p4 = self.lateral_p4(c4) + F.interpolate(p5, size=c4.shape[-2:], mode="bilinear", align_corners=False)
+        p3 = self.lateral_p3(c3) + F.interpolate(p4, size=c3.shape[-2:], mode="bilinear", align_corners=False)
+        p3 = F.relu(self.output_p3(p3))
+        p4 = F.relu(self.output_p4(p4))
+        p5 = F.relu(self.output_p5(p5))
+        p6 = self.p6(p5)
+        p7 = self.p7(p6)
+        return {"p3": p3, "p4": p4, "p5": p5, "p6": p6, "p7": p7}
+
+    def output_shape(self) -> Dict[str, ShapeSpec]:
+        return {
+            f: ShapeSpec(channels=self._out_feature_channels[f], stride=self._out_feature_strides[f])
+            for f in self._out_features
+        }
+
+
+class ModulatedDeformConv(nn.Module):
+    """Modulated deformable 3x3 conv (DCNv2) with its norm, a drop-in for a ResNet block's ``conv2``.
+
+    ``conv_offset_mask`` (zero-initialised) predicts 3 * kh * kw channels per output position: the
+    first two thirds are the (dy, dx) offsets in pixels, interleaved per kernel tap as
+    ``torchvision.ops.deform_conv2d`` expects; the last third, after a sigmoid, is the modulation
+    mask in (0, 1). The conv has a bias, as in the original YOLACT++ DCN module (the plain ResNet
+    convs do not). Runs on any device through ``torchvision.ops.deform_conv2d``; no compiled
+    extension of our own or of detectron2 is needed.
+
+    Input (N, in_channels, H, W), output (N, out_channels, H', W') with the usual conv arithmetic.
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size=3, stride=1, padding=1, dilation=1, norm=None):
+        super().__init__()
+        self.stride, self.padding, self.dilation = stride, padding, dilation
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, kernel_size, kernel_size))
+        self.bias = nn.Parameter(torch.zeros(out_channels))
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        self.conv_offset_mask = nn.Conv2d(
+            in_channels, 3 * kernel_size * kernel_size, kernel_size, stride, padding, dilation, bias=True
+        )
+        nn.init.zeros_(self.conv_offset_mask.weight)
+        nn.init.zeros_(self.conv_offset_mask.bias)
+        self.norm = norm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        o1, o2, m = torch.chunk(self.conv_offset_mask(x), 3, dim=1)
+        offset = torch.cat((o1, o2), dim=1)
+        out = deform_conv2d(
+            x, offset, self.weight, self.bias, stride=self.stride, padding=self.padding,
+            dilation=self.dilation, mask=torch.sigmoid(m),
+        )
+        return self.norm(out) if self.norm is not None else out
+
+
+def build_yolact_resnet(cfg, input_shape: ShapeSpec) -> Backbone:
+    """detectron2's ResNet, with YOLACT++'s deformable blocks where the config asks for them.
+
+    The bottleneck's 3x3 conv (``conv2``) of block i in a stage with
+    ``MODEL.RESNETS.DEFORM_ON_PER_STAGE`` True becomes a :class:`ModulatedDeformConv` when
+    ``i % MODEL.YOLACT.DEFORM_INTERVAL == 0`` (YOLACT++ R-101: interval 3, i.e. blocks 0, 3 of res3,
+    0, 3, ..., 21 of res4 and 0 of res5; R-50: interval 1, every block of res3-res5).
+
+    Raises:
+        ValueError: deformable blocks requested on a BasicBlock ResNet (R-18/34), or an interval < 1.
+    """
+    deform = list(cfg.MODEL.RESNETS.DEFORM_ON_PER_STAGE)
+    interval = cfg.MODEL.YOLACT.DEFORM_INTERVAL
+    if any(deform) and cfg.MODEL.RESNETS.DEPTH in (18, 34):
+        raise ValueError("MODEL.RESNETS.DEFORM_ON_PER_STAGE needs a bottleneck ResNet (DEPTH 50 or 101)")
+    if interval < 1:
+        raise ValueError(f"MODEL.YOLACT.DEFORM_INTERVAL must be >= 1, got {interval}")
+    plain_cfg = copy.deepcopy(cfg)
+    plain_cfg.defrost()
+    # detectron2's DeformBottleneckBlock needs its compiled _C; build plain blocks, then swap conv2.
+    plain_cfg.MODEL.RESNETS.DEFORM_ON_PER_STAGE = [False] * 4
+    resnet = build_resnet_backbone(plain_cfg, input_shape)
+    norm = cfg.MODEL.RESNETS.NORM
+    for stage_name, on in zip(("res2", "res3", "res4", "res5"), deform):
+        if not on or not hasattr(resnet, stage_name):
+            continue
+        for i, block in enumerate(getattr(resnet, stage_name)):
+            if i % interval:
+                continue
+            old = block.conv2
+            block.conv2 = ModulatedDeformConv(
+                old.in_channels, old.out_channels, old.kernel_size[0], old.stride[0],
+                old.padding[0], old.dilation[0], norm=get_norm(norm, old.out_channels),
+            )
+    return resnet
+
+
+@BACKBONE_REGISTRY.register()
+def build_yolact_resnet_fpn_backbone(cfg, input_shape: ShapeSpec) -> Backbone:
+    """``MODEL.BACKBONE.NAME: "build_yolact_resnet_fpn_backbone"``: ResNet (C3-C5) + :class:`YolactFPN`.
+
+    Reads ``MODEL.RESNETS.*`` (``OUT_FEATURES`` must list the three FPN inputs, e.g. res3-res5) and
+    ``MODEL.FPN.IN_FEATURES`` / ``MODEL.FPN.OUT_CHANNELS``.
+    """
+    bottom_up = build_yolact_resnet(cfg, input_shape)
+    return YolactFPN(bottom_up, cfg.MODEL.FPN.IN_FEATURES, cfg.MODEL.FPN.OUT_CHANNELS)

@@ -1,0 +1,121 @@
+"""Non-maximum suppression for YOLACT: Fast NMS (paper Sec. 3.4), Cluster-Fast NMS, standard NMS.
+
+All functions take the candidates of one image and return indices into them, so the caller
+gathers boxes, coefficients and anything else it carries with one indexing op.
+"""
+from typing import Tuple
+
+import torch
+from torchvision.ops import batched_nms
+
+__all__ = ["batched_pairwise_iou", "fast_nms", "cluster_fast_nms", "standard_nms", "multiclass_nms"]
+
+
+def batched_pairwise_iou(boxes: torch.Tensor) -> torch.Tensor:
+    """IoU of every pair of boxes within each batch entry.
+
+    Args:
+        boxes: (B, n, 4) as (x0, y0, x1, y1), any unit.
+    Returns:
+        (B, n, n) IoU in [0, 1]; entry [b, i, j] is IoU(boxes[b, i], boxes[b, j]).
+    """
+    lt = torch.max(boxes[:, :, None, :2], boxes[:, None, :, :2])
+    rb = torch.min(boxes[:, :, None, 2:], boxes[:, None, :, 2:])
+    inter = (rb - lt).clamp(min=0).prod(dim=-1)
+    area = (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
+    return inter / (area[:, :, None] + area[:, None, :] - inter)
+
+
+def _top_k_per_class(scores: torch.Tensor, top_k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    # scores (M, C) -> per class, the top_k scores and candidate indices, each (C, K)
+    scores, idx = scores.t().sort(dim=1, descending=True)
+    return scores[:, :top_k], idx[:, :top_k]
+
+
+def _suppressed_by_any(iou: torch.Tensor, iou_threshold: float) -> torch.Tensor:
+    # Fast NMS: column j is dropped when any higher-scoring row i < j overlaps it, even a dropped one.
+    return iou.triu(diagonal=1).max(dim=-2).values > iou_threshold
+
+
+def _suppressed_by_kept(iou: torch.Tensor, iou_threshold: float, max_iters: int = 200) -> torch.Tensor:
+    # Cluster-NMS: iterate Fast NMS, letting only the rows kept so far suppress, until it settles;
+    # the fixed point equals standard greedy NMS.
+    iou = iou.triu(diagonal=1)
+    keep = torch.ones(iou.shape[:-1], dtype=torch.bool, device=iou.device)
+    for _ in range(max_iters):
+        new_keep = (iou * keep.unsqueeze(-1)).max(dim=-2).values <= iou_threshold
+        if torch.equal(new_keep, keep):
+            break
+        keep = new_keep
+    return ~keep
+
+
+def multiclass_nms(
+    boxes: torch.Tensor,
+    scores: torch.Tensor,
+    iou_threshold: float = 0.5,
+    top_k: int = 200,
+    max_detections: int = 100,
+    method: str = "fast",
+    class_agnostic: bool = False,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """NMS over the candidates of one image.
+
+    Args:
+        boxes: (M, 4) candidate boxes (x0, y0, x1, y1), any unit.
+        scores: (M, C) foreground class scores in [0, 1] (background column removed).
+        iou_threshold: a candidate is suppressed above this IoU (0.5 in the paper).
+        top_k: candidates per class (class-agnostic: in all) considered, highest scores first.
+        max_detections: detections kept over all classes, highest scores first.
+        method: "fast" (paper's Fast NMS: per class, upper-triangular IoU matrix, column max),
+            "cluster" (Cluster-Fast NMS: Fast NMS iterated to the greedy-NMS result) or "standard"
+            (torchvision ``batched_nms``).
+        class_agnostic: one suppression over every class; each candidate keeps its best class.
+
+    Returns:
+        ``(index, classes, scores)``, each (D,), D <= max_detections, sorted by score descending:
+        the candidate row of each detection, its 0-based class and its score.
+
+    Raises:
+        ValueError: an unknown ``method``.
+    """
+    if method not in ("fast", "cluster", "standard"):
+        raise ValueError(f"unknown NMS method {method!r}; use 'fast', 'cluster' or 'standard'")
+    num_classes = scores.shape[1]
+    if class_agnostic:
+        best, classes = scores.max(dim=1)
+        sc, idx = best.sort(descending=True)
+        sc, idx = sc[:top_k], idx[:top_k]
+        cls = classes[idx]
+    else:
+        sc, idx = _top_k_per_class(scores, top_k)  # (C, K)
+        cls = torch.arange(num_classes, device=scores.device)[:, None].expand_as(idx)
+
+    if method == "standard":
+        idx, sc, cls = idx.reshape(-1), sc.reshape(-1), cls.reshape(-1)
+        groups = torch.zeros_like(cls) if class_agnostic else cls
+        keep = batched_nms(boxes[idx], sc, groups, iou_threshold)[:max_detections]
+        return idx[keep], cls[keep], sc[keep]  # batched_nms sorts kept indices by score
+
+    suppress = _suppressed_by_any if method == "fast" else _suppressed_by_kept
+    boxes_k = boxes[idx] if not class_agnostic else boxes[idx][None]
+    keep = ~suppress(batched_pairwise_iou(boxes_k), iou_threshold).reshape(idx.shape)
+    idx, sc, cls = idx[keep], sc[keep], cls[keep]
+    sc, order = sc.sort(descending=True)
+    order = order[:max_detections]
+    return idx[order], cls[order], sc[:max_detections]
+
+
+def fast_nms(boxes, scores, iou_threshold=0.5, top_k=200, max_detections=100):
+    """Fast NMS of the YOLACT paper (Sec. 3.4); see :func:`multiclass_nms` for shapes."""
+    return multiclass_nms(boxes, scores, iou_threshold, top_k, max_detections, method="fast")
+
+
+def cluster_fast_nms(boxes, scores, iou_threshold=0.5, top_k=200, max_detections=100):
+    """Cluster-Fast NMS (same result as greedy NMS, matrix ops only); see :func:`multiclass_nms`."""
+    return multiclass_nms(boxes, scores, iou_threshold, top_k, max_detections, method="cluster")
+
+
+def standard_nms(boxes, scores, iou_threshold=0.5, top_k=200, max_detections=100):
+    """Greedy per-class NMS by torchvision ``batched_nms``; see :func:`multiclass_nms`."""
+    return multiclass_nms(boxes, scores, iou_threshold, top_k, max_detections, method="standard")

@@ -1,0 +1,49 @@
+"""The prediction head shared across FPN levels (YOLACT paper Sec. 3.3, Fig. 4)."""
+from typing import List, Tuple
+
+import torch
+from torch import nn
+
+__all__ = ["YolactHead"]
+
+
+class YolactHead(nn.Module):
+    """One 3x3 conv + ReLU shared by three 3x3 convs predicting, per prior, 4 box deltas, C + 1 class
+    logits (background LAST, detectron2's convention; the original puts it first and the weight
+    converter reorders it) and k mask coefficients (tanh, in [-1, 1]).
+
+    The same module runs on every level (original ``share_prediction_module``). Output channels are
+    prior-major: channel ``a * 4 + j`` is coordinate j of prior a at that location.
+
+    ``forward(features)``: a list of L tensors (N, in_channels, h_l, w_l) -> a tuple
+    ``(box_deltas (N, A, 4), class_logits (N, A, C + 1), mask_coeffs (N, A, k))`` where
+    A = sum_l h_l * w_l * num_priors_per_location, ordered level, row, column, prior.
+    """
+
+    def __init__(self, in_channels: int, num_priors_per_location: int, num_classes: int, num_prototypes: int):
+        super().__init__()
+        a = num_priors_per_location
+        self.num_classes = num_classes
+        self.num_prototypes = num_prototypes
+        self.conv = nn.Conv2d(in_channels, in_channels, 3, padding=1)
+        self.bbox_pred = nn.Conv2d(in_channels, a * 4, 3, padding=1)
+        self.cls_score = nn.Conv2d(in_channels, a * (num_classes + 1), 3, padding=1)
+        self.coeff_pred = nn.Conv2d(in_channels, a * num_prototypes, 3, padding=1)
+        for m in self.modules():  # original init_weights: Xavier-uniform weights, zero biases
+            if isinstance(m, nn.Conv2d):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    @staticmethod
+    def _flatten(x: torch.Tensor, last: int) -> torch.Tensor:
+        # (N, a * last, h, w) -> (N, h * w * a, last)
+        return x.permute(0, 2, 3, 1).reshape(x.shape[0], -1, last)
+
+    def forward(self, features: List[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        boxes, logits, coeffs = [], [], []
+        for x in features:
+            x = torch.relu(self.conv(x))
+            boxes.append(self._flatten(self.bbox_pred(x), 4))
+            logits.append(self._flatten(self.cls_score(x), self.num_classes + 1))
+            coeffs.append(self._flatten(self.coeff_pred(x), self.num_prototypes))
+        return torch.cat(boxes, 1), torch.cat(logits, 1), torch.tanh(torch.cat(coeffs, 1))

@@ -1,0 +1,232 @@
+"""The YOLACT / YOLACT++ meta-architecture, registered as ``META_ARCHITECTURE: "YOLACT"``."""
+from typing import Dict, List
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
+from detectron2.structures import Boxes, Instances
+
+from .checkpoint import upgrade_state_dict
+from .fast_nms import multiclass_nms
+from .head import YolactHead
+from .mask_assembly import assemble_masks, crop_masks, upsample_masks
+from .priors import PriorGenerator, build_box_coder, priors_to_boxes
+from .protonet import ProtoNet
+
+__all__ = ["YOLACT"]
+
+
+@META_ARCH_REGISTRY.register()
+class YOLACT(nn.Module):
+    """YOLACT (Bolya et al., ICCV 2019) and YOLACT++ (TPAMI 2020) inside detectron2.
+
+    Backbone (ResNet + P3-P7 FPN, ``MODEL.BACKBONE.NAME``), a protonet on P3 making k prototypes,
+    one prediction head shared across levels (class scores, box deltas, k tanh coefficients per
+    prior), Fast NMS, and masks assembled as sigmoid(P C^T), cropped to their boxes. YOLACT++ adds
+    deformable backbone blocks, 3 scales per level and the fast mask re-scoring net.
+
+    Inputs follow detectron2: a list of dicts with ``image`` (3, H, W) in ``INPUT.FORMAT``, 0-255,
+    optional ``height``/``width`` (output size, default the image's), and in training
+    ``instances`` (``gt_boxes`` in pixels of ``image``, ``gt_classes`` 0-based, ``gt_masks``).
+    Images are normalised, then resized to ``MODEL.YOLACT.INPUT_SIZE`` squared (bilinear,
+    align_corners=False, aspect not kept) on the model's device, as the original's
+    ``FastBaseTransform``; the resize is skipped when the image already has that size.
+
+    Inference returns ``[{"instances": Instances}]`` at (height, width) with ``pred_boxes``
+    (pixels, float), ``scores`` (class confidence in [0, 1]), ``pred_classes`` (0-based) and
+    ``pred_masks`` (bool, height x width); with mask re-scoring also ``mask_scores``.
+    Original-layout checkpoints (``dbolya/yolact``) and torchvision ResNet checkpoints are
+    converted when loaded (see :mod:`yolact_d2.checkpoint`).
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        y = cfg.MODEL.YOLACT
+        self.num_classes = y.NUM_CLASSES
+        self.input_size = y.INPUT_SIZE
+        self.in_features = list(y.IN_FEATURES)
+        self.protonet_in_feature = y.PROTONET_IN_FEATURE
+        self.score_thresh = y.SCORE_THRESH_TEST
+        self.nms_type = y.NMS_TYPE
+        self.nms_class_agnostic = y.NMS_CLASS_AGNOSTIC
+        self.nms_thresh = y.NMS_THRESH_TEST
+        self.nms_top_k = y.NMS_TOP_K
+        self.max_detections = y.DETECTIONS_PER_IMAGE
+        self.mask_threshold = y.MASK_THRESHOLD
+        if self.nms_type not in ("fast", "cluster", "standard"):
+            raise ValueError(
+                f"MODEL.YOLACT.NMS_TYPE is {self.nms_type!r}; use 'fast', 'cluster' or 'standard'"
+            )
+
+        self.backbone = build_backbone(cfg)
+        shapes = self.backbone.output_shape()
+        missing = [f for f in self.in_features + [self.protonet_in_feature] if f not in shapes]
+        if missing:
+            raise ValueError(f"MODEL.YOLACT features {missing} are not produced by the backbone ({list(shapes)})")
+        channels = shapes[self.in_features[0]].channels
+        self.prior_generator = PriorGenerator(
+            y.ANCHOR_SCALES, y.ANCHOR_ASPECT_RATIOS, y.INPUT_SIZE, y.SQUARE_ANCHORS
+        )
+        if len(y.ANCHOR_SCALES) != len(self.in_features):
+            raise ValueError(
+                f"MODEL.YOLACT.ANCHOR_SCALES has {len(y.ANCHOR_SCALES)} levels, IN_FEATURES {len(self.in_features)}"
+            )
+        self.head = YolactHead(
+            channels, self.prior_generator.num_priors_per_location, self.num_classes, y.NUM_PROTOTYPES
+        )
+        self.protonet = ProtoNet(shapes[self.protonet_in_feature].channels, y.NUM_PROTOTYPES)
+        # Auxiliary semantic segmentation on P3 (paper Sec. 3.5), used by the training loss only.
+        self.sem_seg_head = nn.Conv2d(shapes[self.protonet_in_feature].channels, self.num_classes, 1)
+        self.box_coder = build_box_coder(y.BBOX_REG_WEIGHTS)
+        self.mask_rescoring = None
+        if y.MASK_RESCORING.ENABLED:
+            from .mask_rescoring import FastMaskIoUNet
+
+            self.mask_rescoring = FastMaskIoUNet(self.num_classes)
+        self._init_weights()
+
+        if len(cfg.MODEL.PIXEL_MEAN) != len(cfg.MODEL.PIXEL_STD):
+            raise ValueError("MODEL.PIXEL_MEAN and MODEL.PIXEL_STD must have the same length")
+        self.register_buffer("pixel_mean", torch.tensor(cfg.MODEL.PIXEL_MEAN).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(cfg.MODEL.PIXEL_STD).view(-1, 1, 1), False)
+        self._cfg = cfg  # the loss is built lazily from it (training only)
+        self._criterion = None
+        self.register_load_state_dict_pre_hook(upgrade_state_dict)
+
+    def _init_weights(self):
+        # Original init_weights: Xavier-uniform weights and zero biases for every non-backbone conv.
+        fpn_convs = [m for n, m in self.backbone.named_modules() if not n.startswith("bottom_up")]
+        for module in fpn_convs + list(self.protonet.modules()) + [self.sem_seg_head]:
+            if isinstance(module, nn.Conv2d):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    # ------------------------------------------------------------------ inputs
+    def preprocess_image(self, batched_inputs: List[Dict]) -> torch.Tensor:
+        """Normalise and resize each ``image`` to (3, S, S), S = INPUT_SIZE; returns (N, 3, S, S).
+
+        Raises:
+            ValueError: an image that is not a (C, H, W) tensor with C = len(MODEL.PIXEL_MEAN).
+        """
+        out = []
+        s = self.input_size
+        for x in batched_inputs:
+            img = x["image"]
+            if not torch.is_tensor(img) or img.dim() != 3 or img.shape[0] != self.pixel_mean.shape[0]:
+                shape = tuple(img.shape) if hasattr(img, "shape") else type(img).__name__
+                raise ValueError(
+                    f"YOLACT expects each 'image' as a ({self.pixel_mean.shape[0]}, H, W) tensor, got {shape}"
+                )
+            img = (img.to(self.device, non_blocking=True).float() - self.pixel_mean) / self.pixel_std
+            if img.shape[-2:] != (s, s):
+                img = F.interpolate(img[None], size=(s, s), mode="bilinear", align_corners=False)[0]
+            out.append(img)
+        return torch.stack(out)
+
+    # ------------------------------------------------------------------ network
+    def _forward_network(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
+        features = self.backbone(images)
+        level_features = [features[f] for f in self.in_features]
+        box_deltas, class_logits, mask_coeffs = self.head(level_features)
+        priors = self.prior_generator([tuple(f.shape[-2:]) for f in level_features], images.device)
+        return {
+            "box_deltas": box_deltas,
+            "class_logits": class_logits,
+            "mask_coeffs": mask_coeffs,
+            "priors": priors,
+            "prototypes": self.protonet(features[self.protonet_in_feature]),
+            "proto_features": features[self.protonet_in_feature],
+        }
+
+    def forward_raw(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """The network's outputs before detection.
+
+        Args:
+            images: (N, 3, H, W) normalised float images (550 x 550 for the published models).
+        Returns:
+            dict with ``box_deltas`` (N, A, 4) SSD-coded (variances 0.1, 0.2); ``class_scores``
+            (N, A, C + 1) softmax, background LAST; ``mask_coeffs`` (N, A, k) in [-1, 1];
+            ``priors`` (A, 4) (cx, cy, w, h) relative to the input; ``prototypes`` (N, h, w, k)
+            (138 x 138 x 32 at 550). A = 19248 for v1 at 550, 57744 for YOLACT++.
+        """
+        out = self._forward_network(images)
+        return {
+            "box_deltas": out["box_deltas"],
+            "class_scores": F.softmax(out["class_logits"], dim=-1),
+            "mask_coeffs": out["mask_coeffs"],
+            "priors": out["priors"],
+            "prototypes": out["prototypes"],
+        }
+
+    def forward(self, batched_inputs: List[Dict]):
+        """Training: a dict of losses (``loss_cls``, ``loss_box_reg``, ``loss_mask``,
+        ``loss_sem_seg``, and ``loss_mask_iou`` with re-scoring). Inference: see :meth:`inference`."""
+        if not self.training:
+            return self.inference(batched_inputs)
+        images = self.preprocess_image(batched_inputs)
+        if any("instances" not in x for x in batched_inputs):
+            raise ValueError("YOLACT training inputs need 'instances' (use YolactDatasetMapper)")
+        gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
+        crowd_boxes = [x.get("crowd_boxes") for x in batched_inputs]
+        if self._criterion is None:
+            from .losses import YolactLoss
+
+            self._criterion = YolactLoss(self._cfg)
+        return self._criterion(self, self._forward_network(images), gt_instances, crowd_boxes)
+
+    # ------------------------------------------------------------------ inference
+    @torch.no_grad()
+    def inference(self, batched_inputs: List[Dict]) -> List[Dict[str, Instances]]:
+        """Detections per image: ``[{"instances": Instances}]`` (see the class docstring)."""
+        images = self.preprocess_image(batched_inputs)
+        out = self._forward_network(images)
+        scores = F.softmax(out["class_logits"], dim=-1)
+        prior_boxes = priors_to_boxes(out["priors"])
+        results = []
+        for i, x in enumerate(batched_inputs):
+            height = int(x.get("height", x["image"].shape[-2]))
+            width = int(x.get("width", x["image"].shape[-1]))
+            results.append({"instances": self.detect(
+                out["box_deltas"][i], scores[i], out["mask_coeffs"][i], out["prototypes"][i],
+                prior_boxes, height, width,
+            )})
+        return results
+
+    def detect(self, box_deltas, class_scores, mask_coeffs, prototypes, prior_boxes, height, width) -> Instances:
+        """Detections of one image from its raw outputs (original ``Detect`` + ``postprocess``).
+
+        Args:
+            box_deltas: (A, 4); class_scores: (A, C + 1) softmax, background last;
+            mask_coeffs: (A, k); prototypes: (h, w, k); prior_boxes: (A, 4) relative (x0, y0, x1, y1).
+            height, width: output image size in pixels.
+        Returns:
+            ``Instances`` of at most DETECTIONS_PER_IMAGE detections, highest score first.
+        """
+        fg = class_scores[:, : self.num_classes]
+        cand = (fg.max(dim=1).values > self.score_thresh).nonzero().squeeze(1)
+        boxes = self.box_coder.apply_deltas(box_deltas[cand], prior_boxes[cand])
+        idx, classes, scores = multiclass_nms(
+            boxes, fg[cand], self.nms_thresh, self.nms_top_k, self.max_detections,
+            method=self.nms_type, class_agnostic=self.nms_class_agnostic,
+        )
+        boxes = boxes[idx]
+        masks = crop_masks(assemble_masks(prototypes, mask_coeffs[cand[idx]]), boxes)
+        result = Instances((height, width))
+        if self.mask_rescoring is not None:
+            result.mask_scores = scores * self.mask_rescoring.predict_iou(masks, classes)
+        size = boxes.new_tensor([width, height, width, height])
+        boxes = boxes * size
+        boxes = torch.cat([torch.min(boxes[:, :2], boxes[:, 2:]), torch.max(boxes[:, :2], boxes[:, 2:])], dim=1)
+        boxes = torch.min(boxes.clamp(min=0), size)
+        result.pred_boxes = Boxes(boxes)
+        result.scores = scores
+        result.pred_classes = classes
+        result.pred_masks = upsample_masks(masks, height, width, self.mask_threshold)
+        return result
