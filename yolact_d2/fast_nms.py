@@ -82,6 +82,9 @@ def multiclass_nms(
     if method not in ("fast", "cluster", "standard"):
         raise ValueError(f"unknown NMS method {method!r}; use 'fast', 'cluster' or 'standard'")
     num_classes = scores.shape[1]
+    if scores.shape[0] == 0:  # no candidate passed the score threshold
+        empty = torch.zeros(0, dtype=torch.long, device=scores.device)
+        return empty, empty.clone(), scores.new_zeros(0)
     if class_agnostic:
         best, classes = scores.max(dim=1)
         sc, idx = best.sort(descending=True)

@@ -1,0 +1,106 @@
+"""Checkpoint conversion: original layouts (all published models), torchvision ResNets, wrong layouts."""
+import subprocess
+import sys
+
+import pytest
+import torch
+import torchvision
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.modeling import build_model
+
+from conftest import REFERENCE, REPO, need, yolact_cfg
+from yolact_d2.checkpoint import CheckpointLayoutError, convert_original_state_dict
+
+
+def original_layout(config_name):
+    """Random tensors in the original layout of ``config_name`` (from original_checkpoint_layout.tsv)."""
+    path = need(REFERENCE / "original_checkpoint_layout.tsv")
+    state, section = {}, None
+    g = torch.Generator().manual_seed(0)
+    for line in path.read_text().splitlines():
+        if line.startswith("#"):
+            section = line[2:].split(":")[0]
+            continue
+        if section != config_name:
+            continue
+        key, shape, dtype = line.split("\t")
+        shape = tuple(int(s) for s in shape.strip("()").split(",") if s.strip())
+        if dtype.startswith("int"):
+            state[key] = torch.zeros(shape, dtype=torch.long)
+        else:
+            state[key] = 0.01 * torch.randn(shape, generator=g) + (1.0 if "running_var" in key else 0.0)
+    return state
+
+
+@pytest.mark.parametrize(
+    "config_name, config_file",
+    [
+        ("yolact_resnet50_config", "configs/yolact_R_50_FPN_550.yaml"),
+        ("yolact_base_config", "configs/yolact_R_101_FPN_550.yaml"),
+    ],
+)
+def test_every_original_tensor_lands_in_the_model(config_name, config_file):
+    model = build_model(yolact_cfg(config_file))
+    own = model.state_dict()
+    original = original_layout(config_name)
+    converted = convert_original_state_dict(original)
+    assert len(converted) == len(original)
+    assert set(converted) == set(own), (set(own) ^ set(converted))
+    for k, v in converted.items():
+        assert v.shape == own[k].shape, k
+    # Loading through detectron2's checkpointer converts on the fly: every parameter is replaced.
+    incompatible = model.load_state_dict(original, strict=True)
+    assert not incompatible.missing_keys and not incompatible.unexpected_keys
+    assert torch.equal(model.state_dict()["backbone.lateral_p5.weight"], original["fpn.lat_layers.0.weight"])
+
+
+def test_background_class_moves_last():
+    original = original_layout("yolact_resnet50_config")
+    w = original["prediction_layers.0.conf_layer.weight"]  # (3 * 81, 256, 3, 3), background first
+    out = convert_original_state_dict(original)["head.cls_score.weight"].reshape(3, 81, 256, 3, 3)
+    w = w.reshape(3, 81, 256, 3, 3)
+    assert torch.equal(out[:, 80], w[:, 0]) and torch.equal(out[:, :80], w[:, 1:])
+
+
+def test_yolact_plus_checkpoint_into_yolact_config_is_refused():
+    model = build_model(yolact_cfg())
+    with pytest.raises(CheckpointLayoutError, match="does not fit this model"):
+        model.load_state_dict(original_layout("yolact_plus_resnet50_config"))
+
+
+def test_darknet_checkpoint_is_refused_with_a_reason():
+    with pytest.raises(CheckpointLayoutError, match="DarkNet"):
+        convert_original_state_dict(original_layout("yolact_darknet53_config"))
+
+
+def test_torchvision_resnet_initialises_the_bottom_up():
+    """A torchvision ImageNet ResNet checkpoint gives the same C5 as torchvision's own model."""
+    tv = torchvision.models.resnet50().eval()
+    model = build_model(yolact_cfg()).eval()
+    incompatible = model.load_state_dict(tv.state_dict(), strict=False)
+    assert not [k for k in incompatible.missing_keys if k.startswith("backbone.bottom_up")]
+    assert not incompatible.unexpected_keys
+    x = torch.randn(1, 3, 96, 96)
+    with torch.no_grad():
+        ours = model.backbone.bottom_up(x)["res5"]
+        theirs = torch.nn.Sequential(*list(tv.children())[:-2])(x)
+    assert torch.allclose(ours, theirs, atol=1e-4, rtol=1e-4)
+
+
+def test_convert_tool_writes_a_checkpoint_that_loads_strictly(tmp_path, reference_outputs):
+    src = need(REFERENCE / "yolact_resnet50_seed1.pth")
+    dst = tmp_path / "converted.pth"
+    subprocess.run([sys.executable, str(REPO / "tools/convert_original_weights.py"), str(src), str(dst)], check=True)
+    model = build_model(yolact_cfg()).eval()
+    DetectionCheckpointer(model).load(str(dst))
+    direct = build_model(yolact_cfg()).eval()
+    DetectionCheckpointer(direct).load(str(src))
+    x = reference_outputs["input_550"]
+    with torch.no_grad():
+        a, b = model.forward_raw(x), direct.forward_raw(x)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    bad = subprocess.run(
+        [sys.executable, str(REPO / "tools/convert_original_weights.py"), str(dst), str(tmp_path / "x.pth")],
+        capture_output=True, text=True,
+    )
+    assert bad.returncode != 0 and "not in the original YOLACT layout" in bad.stderr
