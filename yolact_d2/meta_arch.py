@@ -11,6 +11,7 @@ from detectron2.structures import Boxes, Instances
 from .checkpoint import upgrade_state_dict
 from .fast_nms import multiclass_nms
 from .head import YolactHead
+from .losses import YolactLoss
 from .mask_assembly import assemble_masks, crop_masks, upsample_masks
 from .priors import PriorGenerator, build_box_coder, priors_to_boxes
 from .protonet import ProtoNet
@@ -91,8 +92,7 @@ class YOLACT(nn.Module):
             raise ValueError("MODEL.PIXEL_MEAN and MODEL.PIXEL_STD must have the same length")
         self.register_buffer("pixel_mean", torch.tensor(cfg.MODEL.PIXEL_MEAN).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(cfg.MODEL.PIXEL_STD).view(-1, 1, 1), False)
-        self._cfg = cfg  # the loss is built lazily from it (training only)
-        self._criterion = None
+        self.criterion = YolactLoss(cfg)
         self.register_load_state_dict_pre_hook(upgrade_state_dict)
 
     def _init_weights(self):
@@ -175,11 +175,9 @@ class YOLACT(nn.Module):
             raise ValueError("YOLACT training inputs need 'instances' (use YolactDatasetMapper)")
         gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
         crowd_boxes = [x.get("crowd_boxes") for x in batched_inputs]
-        if self._criterion is None:
-            from .losses import YolactLoss
-
-            self._criterion = YolactLoss(self._cfg)
-        return self._criterion(self, self._forward_network(images), gt_instances, crowd_boxes)
+        out = self._forward_network(images)
+        sem_seg_logits = self.sem_seg_head(out["proto_features"])
+        return self.criterion(out, sem_seg_logits, gt_instances, crowd_boxes, self.mask_rescoring)
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()

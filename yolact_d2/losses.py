@@ -1,0 +1,232 @@
+"""YOLACT training targets and losses (paper Sec. 3; the original ``MultiBoxLoss``).
+
+Per image, priors are matched to ground truth; then over the batch, normalised by the number of
+positive priors N_pos:
+
+- ``loss_cls``: softmax cross-entropy over positives and 3:1 online hard negatives;
+- ``loss_box_reg``: 1.5 x smooth-L1 of SSD-coded boxes of positives;
+- ``loss_mask``: 6.125 x BCE of assembled masks, cropped to the matched ground-truth box and
+  normalised by that box's area on the prototype grid;
+- ``loss_mask_iou`` (YOLACT++): 25 x smooth-L1 of the re-scoring net's IoU for the ground-truth
+  class;
+
+and ``loss_sem_seg`` (1 x BCE-with-logits of a 1x1 conv on P3, per pixel, / batch size).
+"""
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from detectron2.structures import BitMasks, Boxes, Instances, PolygonMasks
+from torchvision.ops import box_iou
+
+from .mask_assembly import assemble_masks, crop_masks
+from .priors import build_box_coder, priors_to_boxes
+
+__all__ = ["YolactLoss", "match_priors", "gt_masks_as_tensor"]
+
+
+def match_priors(
+    prior_boxes: torch.Tensor,
+    gt_boxes: torch.Tensor,
+    gt_classes: torch.Tensor,
+    crowd_boxes: Optional[torch.Tensor],
+    num_classes: int,
+    pos_thresh: float = 0.5,
+    neg_thresh: float = 0.4,
+    crowd_thresh: float = 0.7,
+):
+    """Assign every prior a ground truth and a label (original ``match``).
+
+    Args:
+        prior_boxes: (A, 4) priors as (x0, y0, x1, y1) relative to the image.
+        gt_boxes: (G, 4) ground-truth boxes, same units; gt_classes: (G,) in [0, C).
+        crowd_boxes: (K, 4) crowd boxes (same units) or None.
+    Returns:
+        ``(labels, matched)``, each (A,): labels in [0, C) for positives (IoU >= pos_thresh or the
+        prior a ground truth claimed), C for background (IoU < neg_thresh), -1 for ignored
+        (in between, or a non-positive prior covered by a crowd box over ``crowd_thresh`` of its
+        own area); matched = index of the prior's ground truth (0 when G = 0).
+    """
+    num_priors = prior_boxes.shape[0]
+    device = prior_boxes.device
+    if gt_boxes.shape[0] == 0:
+        labels = torch.full((num_priors,), num_classes, dtype=torch.long, device=device)
+        matched = torch.zeros(num_priors, dtype=torch.long, device=device)
+    else:
+        overlaps = box_iou(gt_boxes, prior_boxes)  # (G, A)
+        best_overlap, matched = overlaps.max(dim=0)
+        # Every ground truth claims a prior, greedily by highest remaining IoU, so none goes unused.
+        for _ in range(gt_boxes.shape[0]):
+            best_prior_overlap, best_prior = overlaps.max(dim=1)
+            j = best_prior_overlap.argmax()
+            i = best_prior[j]
+            overlaps[:, i] = -1
+            overlaps[j, :] = -1
+            best_overlap[i] = 2
+            matched[i] = j
+        labels = gt_classes[matched].clone()
+        labels[best_overlap < pos_thresh] = -1
+        labels[best_overlap < neg_thresh] = num_classes
+    if crowd_boxes is not None and crowd_boxes.shape[0] > 0:
+        lt = torch.max(crowd_boxes[:, None, :2], prior_boxes[None, :, :2])
+        rb = torch.min(crowd_boxes[:, None, 2:], prior_boxes[None, :, 2:])
+        inter = (rb - lt).clamp(min=0).prod(dim=-1)
+        prior_area = (prior_boxes[:, 2] - prior_boxes[:, 0]) * (prior_boxes[:, 3] - prior_boxes[:, 1])
+        covered = (inter / prior_area).max(dim=0).values > crowd_thresh
+        labels[((labels == num_classes) | (labels < 0)) & covered] = -1
+    return labels, matched
+
+
+def gt_masks_as_tensor(instances: Instances) -> torch.Tensor:
+    """``gt_masks`` (BitMasks, PolygonMasks or a tensor) -> (G, H, W) float at the image size."""
+    masks = instances.gt_masks
+    h, w = instances.image_size
+    if isinstance(masks, PolygonMasks):
+        masks = BitMasks.from_polygon_masks(masks, h, w)
+    if isinstance(masks, BitMasks):
+        masks = masks.tensor
+    return masks.to(device=instances.gt_boxes.device, dtype=torch.float32)
+
+
+def _binarised_resize(masks: torch.Tensor, size) -> torch.Tensor:
+    # Ground truth on a coarser grid: bilinear (align_corners=False), then > 0.5, as the original.
+    if masks.shape[0] == 0:
+        return masks.new_zeros((0, *size))
+    return (F.interpolate(masks[None], size=size, mode="bilinear", align_corners=False)[0] > 0.5).float()
+
+
+class YolactLoss:
+    """Computes the YOLACT losses from the network outputs; see the module docstring.
+
+    Built from ``MODEL.YOLACT``: NUM_CLASSES, POS/NEG/CROWD_IOU_THRESH, NEG_POS_RATIO, the loss
+    weights, MASKS_TO_TRAIN and MASK_RESCORING.*.
+    """
+
+    def __init__(self, cfg):
+        y = cfg.MODEL.YOLACT
+        self.num_classes = y.NUM_CLASSES
+        self.pos_thresh, self.neg_thresh, self.crowd_thresh = y.POS_IOU_THRESH, y.NEG_IOU_THRESH, y.CROWD_IOU_THRESH
+        self.neg_pos_ratio = y.NEG_POS_RATIO
+        self.class_weight, self.box_weight = y.CLASS_LOSS_WEIGHT, y.BOX_LOSS_WEIGHT
+        self.mask_weight, self.sem_seg_weight = y.MASK_LOSS_WEIGHT, y.SEM_SEG_LOSS_WEIGHT
+        self.masks_to_train = y.MASKS_TO_TRAIN
+        self.mask_iou_weight = y.MASK_RESCORING.LOSS_WEIGHT
+        self.mask_iou_min_area = y.MASK_RESCORING.MIN_GT_AREA
+        self.box_coder = build_box_coder(y.BBOX_REG_WEIGHTS)
+
+    def __call__(
+        self,
+        out: Dict[str, torch.Tensor],
+        sem_seg_logits: torch.Tensor,
+        gt_instances: List[Instances],
+        crowd_boxes: List[Optional[Boxes]],
+        mask_rescoring=None,
+    ) -> Dict[str, torch.Tensor]:
+        """Losses of one batch.
+
+        Args:
+            out: the meta-architecture's network outputs: ``box_deltas`` (N, A, 4),
+                ``class_logits`` (N, A, C + 1), ``mask_coeffs`` (N, A, k), ``priors`` (A, 4)
+                (cx, cy, w, h) relative, ``prototypes`` (N, h, w, k).
+            sem_seg_logits: (N, C, h', w') semantic logits on P3.
+            gt_instances: per image, ``gt_boxes`` in pixels of the network input (image_size),
+                ``gt_classes`` in [0, C), ``gt_masks`` at the image size.
+            crowd_boxes: per image, crowd ``Boxes`` in pixels, or None.
+            mask_rescoring: the YOLACT++ re-scoring net (masks (P, 1, h, w) -> IoU (P, C)) or None.
+        Returns:
+            ``loss_cls``, ``loss_box_reg``, ``loss_mask``, ``loss_sem_seg`` (+ ``loss_mask_iou``),
+            scalars. When the batch has no positive prior they are normalised by 1, not 0.
+        """
+        logits, deltas, coeffs, protos = out["class_logits"], out["box_deltas"], out["mask_coeffs"], out["prototypes"]
+        n, num_priors = logits.shape[:2]
+        c = self.num_classes
+        prior_boxes = priors_to_boxes(out["priors"])
+        proto_h, proto_w = protos.shape[1:3]
+
+        labels, box_targets, matched_boxes, gt_masks_proto, matched_idx, sem_targets = [], [], [], [], [], []
+        for i, inst in enumerate(gt_instances):
+            h, w = inst.image_size
+            scale = torch.tensor([w, h, w, h], dtype=torch.float32, device=logits.device)
+            gt = inst.gt_boxes.tensor / scale
+            crowd = crowd_boxes[i].tensor.to(logits.device) / scale if crowd_boxes[i] is not None else None
+            lab, idx = match_priors(
+                prior_boxes, gt, inst.gt_classes, crowd, c, self.pos_thresh, self.neg_thresh, self.crowd_thresh
+            )
+            labels.append(lab)
+            matched_idx.append(idx)
+            mb = gt[idx] if len(gt) else prior_boxes
+            matched_boxes.append(mb)
+            box_targets.append(self.box_coder.get_deltas(prior_boxes, mb))
+            masks = gt_masks_as_tensor(inst) if len(inst) else logits.new_zeros((0, h, w))
+            gt_masks_proto.append(_binarised_resize(masks, (proto_h, proto_w)))
+            sem = logits.new_zeros((c,) + tuple(sem_seg_logits.shape[-2:]))
+            if len(inst):
+                small = _binarised_resize(masks, sem.shape[-2:])  # union of each class's masks
+                sem.scatter_reduce_(0, inst.gt_classes[:, None, None].expand_as(small), small, "amax")
+            sem_targets.append(sem)
+        labels = torch.stack(labels)  # (N, A)
+        pos = (labels >= 0) & (labels < c)
+        num_pos = pos.sum()
+        norm = num_pos.clamp(min=1).float()
+
+        losses = {}
+        # Box regression on positives.
+        box_targets = torch.stack(box_targets)
+        losses["loss_box_reg"] = self.box_weight * F.smooth_l1_loss(
+            deltas[pos], box_targets[pos], beta=1.0, reduction="sum"
+        ) / norm
+
+        # Classification with online hard-negative mining, per image, ranked by background loss.
+        with torch.no_grad():
+            bg_loss = torch.logsumexp(logits, dim=-1) - logits[..., c]
+            bg_loss[pos | (labels < 0)] = 0
+            rank = bg_loss.sort(dim=1, descending=True)[1].sort(dim=1)[1]
+            num_neg = (self.neg_pos_ratio * pos.sum(dim=1, keepdim=True)).clamp(max=num_priors - 1)
+            neg = (rank < num_neg) & ~pos & (labels >= 0)
+        selected = pos | neg
+        losses["loss_cls"] = self.class_weight * F.cross_entropy(
+            logits[selected], labels[selected], reduction="sum"
+        ) / norm
+
+        # Masks: sigmoid(P C^T) cropped to the matched ground-truth box, BCE / box area.
+        loss_mask = logits.new_zeros(())
+        iou_inputs, iou_targets, iou_classes = [], [], []
+        for i in range(n):
+            pos_i = pos[i].nonzero().squeeze(1)
+            if pos_i.numel() == 0:
+                continue
+            total = pos_i.numel()
+            if total > self.masks_to_train:
+                pos_i = pos_i[torch.randperm(total, device=pos_i.device)[: self.masks_to_train]]
+            gt_idx = matched_idx[i][pos_i]
+            boxes = matched_boxes[i][pos_i]
+            target = gt_masks_proto[i][gt_idx]
+            pred = crop_masks(assemble_masks(protos[i], coeffs[i, pos_i]), boxes)
+            bce = F.binary_cross_entropy(pred.clamp(0, 1), target, reduction="none").sum(dim=(1, 2))
+            area = (boxes[:, 2] - boxes[:, 0]) * proto_w * (boxes[:, 3] - boxes[:, 1]) * proto_h
+            loss_mask = loss_mask + (bce / area).sum() * (total / pos_i.numel())
+            if mask_rescoring is not None:
+                big = target.sum(dim=(1, 2)) > self.mask_iou_min_area
+                binary = (pred[big] > 0.5).float()
+                inter = (binary * target[big]).sum(dim=(1, 2))
+                union = binary.sum(dim=(1, 2)) + target[big].sum(dim=(1, 2)) - inter
+                iou_inputs.append(pred[big].detach())  # re-scoring must not reshape the masks
+                iou_targets.append(inter / union.clamp(min=1))
+                iou_classes.append(gt_instances[i].gt_classes[gt_idx[big]])
+        losses["loss_mask"] = self.mask_weight * loss_mask / norm
+
+        sem_targets = torch.stack(sem_targets)
+        losses["loss_sem_seg"] = self.sem_seg_weight * F.binary_cross_entropy_with_logits(
+            sem_seg_logits, sem_targets, reduction="sum"
+        ) / (sem_seg_logits.shape[-1] * sem_seg_logits.shape[-2]) / n
+
+        if mask_rescoring is not None:
+            if iou_inputs and sum(len(x) for x in iou_inputs):
+                pred_iou = mask_rescoring(torch.cat(iou_inputs)[:, None])
+                pred_iou = pred_iou.gather(1, torch.cat(iou_classes)[:, None]).squeeze(1)
+                loss_iou = F.smooth_l1_loss(pred_iou, torch.cat(iou_targets), reduction="sum")
+            else:  # keep the graph connected so DDP sees every parameter used
+                loss_iou = sum(p.sum() for p in mask_rescoring.parameters()) * 0.0
+            losses["loss_mask_iou"] = self.mask_iou_weight * loss_iou / norm
+        return losses
