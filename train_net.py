@@ -1,0 +1,103 @@
+#!/usr/bin/env python
+"""Train and evaluate YOLACT / YOLACT++ (and detectron2's own models, e.g. Mask R-CNN) with detectron2.
+
+    python train_net.py --config-file configs/yolact_R_50_FPN_550.yaml --num-gpus 8
+    python train_net.py --config-file configs/yolact_R_50_FPN_550.yaml --eval-only MODEL.WEIGHTS model.pth
+    python train_net.py --config-file configs/pennfudan/mask_rcnn_R_50_FPN.yaml   # Mask R-CNN, same tool
+
+Everything but the YOLACT data mapper and evaluator comes from detectron2's DefaultTrainer:
+LR schedule, checkpointing (--resume), TensorBoard/metrics.json writers, DDP through launch().
+"""
+import logging
+import os
+
+import torch
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import get_cfg
+from detectron2.data import build_detection_train_loader, get_detection_dataset_dicts
+from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
+from detectron2.evaluation import verify_results
+
+from yolact_d2 import add_yolact_config
+from yolact_d2.data import YolactDatasetMapper
+from yolact_d2.data.datasets import register_builtin_datasets
+from yolact_d2.evaluation import YolactCOCOEvaluator
+
+
+def checked_dataset_dicts(cfg, names):
+    """Dataset dicts of ``names``; raises FileNotFoundError naming the first image listed but absent."""
+    dicts = get_detection_dataset_dicts(
+        names,
+        filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
+        min_keypoints=0,
+        proposal_files=None,
+    )
+    missing = [d["file_name"] for d in dicts if not os.path.isfile(d["file_name"])]
+    if missing:
+        raise FileNotFoundError(
+            f"{len(missing)} image(s) of {', '.join(names)} listed in the annotations are missing on disk, "
+            f"first: {missing[0]} (fix the image root of the dataset registration)"
+        )
+    return dicts
+
+
+class Trainer(DefaultTrainer):
+    """DefaultTrainer with the YOLACT mapper (SSD augmentations, fixed square resize) for YOLACT
+    models and :class:`YolactCOCOEvaluator` (COCOEvaluator, mask re-scoring aware) for all."""
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        dataset = checked_dataset_dicts(cfg, cfg.DATASETS.TRAIN)
+        mapper = YolactDatasetMapper(cfg, is_train=True) if cfg.MODEL.META_ARCHITECTURE == "YOLACT" else None
+        return build_detection_train_loader(cfg, dataset=dataset, mapper=mapper)
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        return YolactCOCOEvaluator(dataset_name, output_dir=output_folder or f"{cfg.OUTPUT_DIR}/inference")
+
+
+def setup(args):
+    cfg = get_cfg()
+    add_yolact_config(cfg)
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        logging.getLogger("detectron2").warning("CUDA is not available: running on the CPU")
+        cfg.MODEL.DEVICE = "cpu"
+    cfg.freeze()
+    default_setup(cfg, args)
+    register_builtin_datasets()
+    return cfg
+
+
+def _setup_error(e: Exception):
+    # Config and data mistakes (unknown key, unregistered dataset, missing file): one line, no traceback.
+    msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+    return SystemExit(f"error: {msg}")
+
+
+def main(args):
+    try:
+        cfg = setup(args)
+        if args.eval_only:
+            model = Trainer.build_model(cfg)
+            DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        else:
+            trainer = Trainer(cfg)  # builds the model, the optimizer and the data loader
+            trainer.resume_or_load(resume=args.resume)
+    except (KeyError, FileNotFoundError, ValueError) as e:
+        raise _setup_error(e) from None
+    if args.eval_only:
+        res = Trainer.test(cfg, model)
+        verify_results(cfg, res)
+        return res
+    return trainer.train()
+
+
+if __name__ == "__main__":
+    args = default_argument_parser().parse_args()
+    launch(
+        main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+        dist_url=args.dist_url, args=(args,),
+    )

@@ -1,0 +1,247 @@
+"""Dataset mapper turning detectron2 dataset dicts into YOLACT training / test inputs."""
+import copy
+import logging
+from typing import List, Optional
+
+import numpy as np
+import pycocotools.mask as mask_util
+import torch
+
+import detectron2.data.detection_utils as utils
+import detectron2.data.transforms as T
+from detectron2.config import configurable
+from detectron2.structures import BitMasks, BoxMode, Boxes, PolygonMasks
+
+from .augmentations import build_yolact_train_augmentation
+
+__all__ = ["YolactDatasetMapper"]
+
+logger = logging.getLogger(__name__)
+
+
+class YolactDatasetMapper:
+    """Callable mapping one detectron2 dataset dict to a model input dict, like ``DatasetMapper``.
+
+    Training (``is_train=True``), following the original ``SSDAugmentation`` + ``COCODetection``:
+
+    1. read the image in ``image_format`` and check its size against the dict's height/width;
+    2. run ``augmentations`` (default: :func:`build_yolact_train_augmentation`) on the image and
+       the XYXY boxes of the non-crowd annotations;
+    3. drop every annotation (crowd or not) whose box centre falls outside the final image, i.e.
+       outside the crop window (original ``RandomSampleCrop`` rule);
+    4. transform boxes, polygons and RLE masks with ``utils.transform_instance_annotations`` and
+       build ``Instances`` with ``utils.annotations_to_instances``;
+    5. if ``recompute_boxes``, replace each box by the tight box of its (cropped) mask, so that the
+       box and mask of an object partly cut by the crop still agree;
+    6. drop empty instances (``utils.filter_empty_instances``) and those narrower or shorter than
+       ``min_box_size`` pixels (original ``discard_box_width/height``).
+
+    Output dict (input keys other than "annotations" are kept):
+
+    * "image": uint8 tensor 3xHxW in ``image_format`` channel order; H = W = INPUT_SIZE in training
+      with the default augmentations, the original size in test mode.
+    * "height", "width": size of the original image in pixels (for detectron2's postprocess).
+    * "instances" (training only): ``Instances`` of the augmented image with "gt_boxes" (Boxes,
+      XYXY absolute pixels of the augmented image), "gt_classes" (int64, the dict's
+      "category_id"), "gt_masks" (``PolygonMasks`` for mask_format "polygon", ``BitMasks`` NxHxW
+      bool for "bitmask"); possibly 0 instances (e.g. all objects cropped away), never an error.
+    * "crowd_boxes" (training only): ``Boxes`` (Kx4, K >= 0) of the iscrowd=1 annotations, same
+      coordinates, filtered like the instances; kept out of "instances" because the original
+      uses them only to ignore priors in the loss.
+
+    Test mode (``is_train=False``): the image only, not resized (the model resizes to INPUT_SIZE
+    itself); annotations are dropped.
+
+    Raises (from ``__call__``):
+        FileNotFoundError: the image file does not exist (message names the path).
+        ValueError: an annotation's mask does not fit ``mask_format`` (an RLE dict with
+            "polygon": set INPUT.MASK_FORMAT "bitmask"), or a non-crowd annotation has no
+            "segmentation"; the message names the file.
+        detectron2's SizeMismatchError: image size differs from the dict's height/width.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        is_train: bool = True,
+        *,
+        augmentations: List,
+        image_format: str,
+        mask_format: str = "polygon",
+        min_box_size: float = 4.0,
+        recompute_boxes: bool = True,
+        drop_outside_centers: bool = True,
+    ):
+        """
+        Args:
+            is_train: training (augment, return instances) or test mode (image only).
+            augmentations: ``Augmentation``/``Transform`` list, used in training only.
+            image_format: format for ``read_image`` (cfg.INPUT.FORMAT), e.g. "RGB" or "BGR".
+            mask_format: "polygon" or "bitmask" (cfg.INPUT.MASK_FORMAT).
+            min_box_size: instances (and crowd boxes) with a side below this, in pixels of the
+                augmented image, are dropped (cfg.INPUT.SSD.MIN_BOX_SIZE).
+            recompute_boxes: set gt boxes to the tight boxes of the augmented masks.
+            drop_outside_centers: drop objects whose box centre leaves the augmented image.
+        """
+        if mask_format not in ("polygon", "bitmask"):
+            raise ValueError(
+                f"INPUT.MASK_FORMAT must be 'polygon' or 'bitmask', got {mask_format!r}"
+            )
+        self.is_train = is_train
+        self.augmentations = T.AugmentationList(augmentations)
+        self.image_format = image_format
+        self.mask_format = mask_format
+        self.min_box_size = float(min_box_size)
+        self.recompute_boxes = recompute_boxes
+        self.drop_outside_centers = drop_outside_centers
+        mode = "training" if is_train else "inference"
+        logger.info(f"[YolactDatasetMapper] Augmentations used in {mode}: {augmentations}")
+
+    @classmethod
+    def from_config(cls, cfg, is_train: bool = True):
+        return {
+            "is_train": is_train,
+            "augmentations": build_yolact_train_augmentation(cfg) if is_train else [],
+            "image_format": cfg.INPUT.FORMAT,
+            "mask_format": cfg.INPUT.MASK_FORMAT,
+            "min_box_size": cfg.INPUT.SSD.MIN_BOX_SIZE,
+        }
+
+    # ------------------------------------------------------------------------------------------
+    def _read_image(self, file_name: str) -> np.ndarray:
+        try:
+            return utils.read_image(file_name, format=self.image_format)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(
+                f"YolactDatasetMapper: image file not found: {file_name} "
+                "(check the dataset's image_root / file_name)"
+            ) from e
+
+    def _check_annotations(self, annos: List[dict], file_name: str) -> None:
+        """Fail early, with the fix in the message, on masks the mask format cannot hold."""
+        for i, obj in enumerate(annos):
+            if obj.get("iscrowd", 0):
+                continue  # crowd masks are not used
+            segm = obj.get("segmentation")
+            if segm is None:
+                raise ValueError(
+                    f"{file_name}: annotation {i} has no 'segmentation'; YOLACT needs instance "
+                    "masks for every non-crowd object."
+                )
+            if isinstance(segm, dict):
+                if self.mask_format == "polygon":
+                    raise ValueError(
+                        f"{file_name}: annotation {i} has an RLE mask but INPUT.MASK_FORMAT is "
+                        '"polygon"; set INPUT.MASK_FORMAT: "bitmask" to train on RLE masks.'
+                    )
+            elif not isinstance(segm, list):
+                raise ValueError(
+                    f"{file_name}: annotation {i} has a segmentation of type "
+                    f"{type(segm).__name__}; expected polygons (list) or COCO RLE (dict)."
+                )
+
+    @staticmethod
+    def _center_inside(annos: List[dict], transforms, image_shape) -> np.ndarray:
+        """Bool per annotation: its original box centre, transformed, lies strictly inside."""
+        if not annos:
+            return np.zeros(0, dtype=bool)
+        boxes = np.stack(
+            [BoxMode.convert(obj["bbox"], obj["bbox_mode"], BoxMode.XYXY_ABS) for obj in annos]
+        ).astype(np.float64)
+        # Every transform here maps axis-aligned boxes to axis-aligned boxes affinely, so the
+        # centre of the transformed box is the transformed centre.
+        centers = transforms.apply_coords((boxes[:, :2] + boxes[:, 2:]) / 2.0)
+        h, w = image_shape
+        return (
+            (centers[:, 0] > 0) & (centers[:, 0] < w) & (centers[:, 1] > 0) & (centers[:, 1] < h)
+        )
+
+    def _size_keep(self, boxes: torch.Tensor) -> torch.Tensor:
+        wh = boxes[:, 2:] - boxes[:, :2]
+        return (wh >= self.min_box_size).all(dim=1)
+
+    # ------------------------------------------------------------------------------------------
+    def __call__(self, dataset_dict: dict) -> dict:
+        """Map one dataset dict (not modified) to a new dict; see the class docstring."""
+        dataset_dict = copy.deepcopy(dataset_dict)
+        file_name = dataset_dict["file_name"]
+        annos = dataset_dict.pop("annotations", None) or []
+        if self.is_train:
+            self._check_annotations(annos, file_name)
+
+        image = self._read_image(file_name)
+        utils.check_image_size(dataset_dict, image)
+        dataset_dict.setdefault("height", image.shape[0])
+        dataset_dict.setdefault("width", image.shape[1])
+        dataset_dict.pop("sem_seg_file_name", None)
+
+        if not self.is_train:
+            dataset_dict["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
+            return dataset_dict
+
+        gt_annos = [obj for obj in annos if not obj.get("iscrowd", 0)]
+        crowd_annos = [obj for obj in annos if obj.get("iscrowd", 0)]
+        boxes = None
+        if gt_annos:
+            boxes = np.stack(
+                [BoxMode.convert(o["bbox"], o["bbox_mode"], BoxMode.XYXY_ABS) for o in gt_annos]
+            ).astype(np.float32)
+        aug_input = T.AugInput(image, boxes=boxes, sem_seg=None)
+        transforms = self.augmentations(aug_input)
+        image = aug_input.image
+        image_shape = image.shape[:2]  # h, w
+
+        if self.drop_outside_centers:
+            keep = self._center_inside(gt_annos, transforms, image_shape)
+            gt_annos = [o for o, k in zip(gt_annos, keep) if k]
+            keep = self._center_inside(crowd_annos, transforms, image_shape)
+            crowd_annos = [o for o, k in zip(crowd_annos, keep) if k]
+
+        instances = self._build_instances(gt_annos, transforms, image_shape)
+        dataset_dict["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
+        dataset_dict["instances"] = instances
+        dataset_dict["crowd_boxes"] = self._crowd_boxes(crowd_annos, transforms, image_shape)
+        return dataset_dict
+
+    def _build_instances(self, annos: List[dict], transforms, image_shape):
+        h, w = image_shape
+        out = []
+        for obj in annos:
+            obj = dict(obj)
+            segm = obj["segmentation"]
+            if isinstance(segm, dict) and isinstance(segm.get("counts"), list):
+                # Uncompressed RLE: pycocotools decodes only the compressed form.
+                obj["segmentation"] = mask_util.frPyObjects(segm, *segm["size"])
+            obj.pop("keypoints", None)  # YOLACT has no keypoints; avoids needing flip indices
+            obj = utils.transform_instance_annotations(obj, transforms, image_shape)
+            segm = obj["segmentation"]
+            if isinstance(segm, list) and len(segm) == 0:
+                continue  # every polygon was cropped away
+            if isinstance(segm, np.ndarray) and not segm.flags.writeable:
+                # PIL-resized masks are read-only views; torch warns on those.
+                obj["segmentation"] = segm.copy()
+            out.append(obj)
+
+        instances = utils.annotations_to_instances(out, image_shape, mask_format=self.mask_format)
+        if not instances.has("gt_masks"):  # no annotation left: keep the field, with 0 masks
+            if self.mask_format == "polygon":
+                instances.gt_masks = PolygonMasks([])
+            else:
+                instances.gt_masks = BitMasks(torch.zeros((0, h, w), dtype=torch.bool))
+        if self.recompute_boxes and len(instances):
+            instances.gt_boxes = instances.gt_masks.get_bounding_boxes()
+            # Polygons may touch the border with sub-pixel overshoot after the resize.
+            instances.gt_boxes.clip(image_shape)
+        instances = utils.filter_empty_instances(instances)
+        return instances[self._size_keep(instances.gt_boxes.tensor)]
+
+    def _crowd_boxes(self, annos: List[dict], transforms, image_shape) -> Boxes:
+        if not annos:
+            return Boxes(torch.zeros((0, 4), dtype=torch.float32))
+        boxes = np.stack(
+            [BoxMode.convert(o["bbox"], o["bbox_mode"], BoxMode.XYXY_ABS) for o in annos]
+        ).astype(np.float32)
+        boxes = Boxes(torch.as_tensor(transforms.apply_box(boxes), dtype=torch.float32))
+        boxes.clip(image_shape)
+        keep = boxes.nonempty() & self._size_keep(boxes.tensor)
+        return boxes[keep]

@@ -1,0 +1,47 @@
+"""COCO evaluation that scores boxes and masks separately (YOLACT++ mask re-scoring)."""
+import copy
+
+from detectron2.evaluation import COCOEvaluator
+
+__all__ = ["YolactCOCOEvaluator"]
+
+
+class YolactCOCOEvaluator(COCOEvaluator):
+    """detectron2's ``COCOEvaluator``, except that when the model returns ``mask_scores``
+    (YOLACT++ re-scoring: class confidence x predicted mask IoU), the ``segm`` task ranks
+    detections by them while ``bbox`` keeps the class confidence (``scores``), as the original
+    YOLACT++ evaluation does. Without ``mask_scores`` it is exactly ``COCOEvaluator``.
+
+    ``coco_instances_results.json`` then holds the mask-scored results, each with its class
+    confidence kept as ``box_score``.
+    """
+
+    def process(self, inputs, outputs):
+        start = len(self._predictions)
+        super().process(inputs, outputs)
+        for prediction, output in zip(self._predictions[start:], outputs):
+            instances = output.get("instances")
+            if instances is None or not instances.has("mask_scores") or "instances" not in prediction:
+                continue
+            # instances_to_coco_json keeps the order of the Instances, so results align one to one.
+            for result, mask_score in zip(prediction["instances"], instances.mask_scores.tolist()):
+                result["mask_score"] = mask_score
+
+    def _eval_predictions(self, predictions, img_ids=None):
+        rescored = any("mask_score" in r for p in predictions for r in p.get("instances", []))
+        tasks = set(self._tasks or ())
+        if not rescored or "segm" not in tasks:
+            return super()._eval_predictions(predictions, img_ids)
+        try:
+            self._tasks = tuple(tasks - {"segm"})
+            if self._tasks:
+                super()._eval_predictions(predictions, img_ids)
+            masked = copy.deepcopy(predictions)
+            for p in masked:
+                for r in p.get("instances", []):
+                    r["box_score"] = r["score"]
+                    r["score"] = r.get("mask_score", r["score"])
+            self._tasks = ("segm",)
+            super()._eval_predictions(masked, img_ids)
+        finally:
+            self._tasks = tuple(tasks)
