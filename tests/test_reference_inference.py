@@ -4,7 +4,7 @@ import numpy as np
 import pycocotools.mask as mask_util
 import torch
 
-from conftest import DATA, need
+from conftest import DATA, matched_detections, need
 
 
 def rel_err(a, b):
@@ -35,20 +35,9 @@ def test_final_detections_match_original(reference_model, reference_outputs):
         inst = reference_model([{"image": image, "height": h, "width": w}])[0]["instances"]
     assert inst.image_size == (h, w) and inst.pred_masks.shape[1:] == (h, w)
     ref_masks = mask_util.decode(reference_outputs["masks_rle"]).transpose(2, 0, 1).astype(bool)
-    ours_masks = inst.pred_masks.numpy()
     n = len(reference_outputs["scores"])
     assert len(inst) == n
-    matched = 0
-    for i in range(n):
-        candidates = (
-            (inst.pred_classes == int(reference_outputs["classes"][i]))
-            & ((inst.scores - reference_outputs["scores"][i]).abs() <= 1e-3)
-            & ((inst.pred_boxes.tensor - reference_outputs["boxes"][i].float()).abs().max(dim=1).values <= 1.0)
-        )
-        for j in candidates.nonzero().flatten().tolist():
-            inter = np.logical_and(ours_masks[j], ref_masks[i]).sum()
-            union = np.logical_or(ours_masks[j], ref_masks[i]).sum()
-            if (inter / union if union else 1.0) >= 0.95:
-                matched += 1
-                break
+    matched = matched_detections(
+        inst, reference_outputs["classes"], reference_outputs["scores"], reference_outputs["boxes"], ref_masks
+    )
     assert matched >= 0.95 * n, f"{matched}/{n} original detections reproduced"

@@ -134,7 +134,7 @@ def convert_original_state_dict(state_dict: Dict[str, torch.Tensor], num_classes
         elif part == "semantic_seg_conv":
             new = f"sem_seg_head.{rest}"
         elif part == "maskiou_net":
-            new = f"mask_rescoring.{rest[len('maskiou_net.'):]}" if rest.startswith("maskiou_net.") else None
+            new = f"mask_rescoring.layers.{rest[len('maskiou_net.'):]}" if rest.startswith("maskiou_net.") else None
         else:
             new = None
         if new is None:

@@ -12,6 +12,7 @@ from .checkpoint import upgrade_state_dict
 from .fast_nms import multiclass_nms
 from .head import YolactHead
 from .losses import YolactLoss
+from .mask_rescoring import FastMaskIoUNet
 from .mask_assembly import assemble_masks, crop_masks, upsample_masks
 from .priors import PriorGenerator, build_box_coder, priors_to_boxes
 from .protonet import ProtoNet
@@ -83,8 +84,6 @@ class YOLACT(nn.Module):
         self.box_coder = build_box_coder(y.BBOX_REG_WEIGHTS)
         self.mask_rescoring = None
         if y.MASK_RESCORING.ENABLED:
-            from .mask_rescoring import FastMaskIoUNet
-
             self.mask_rescoring = FastMaskIoUNet(self.num_classes)
         self._init_weights()
 

@@ -14,8 +14,9 @@ class ProtoNet(nn.Module):
     original returns them (138 x 138 x 32 at a 550 input).
     """
 
-    def __init__(self, in_channels: int = 256, num_prototypes: int = 32, channels: int = 256):
+    def __init__(self, in_channels: int = 256, num_prototypes: int = 32, channels: int = None):
         super().__init__()
+        channels = channels or in_channels  # 256, the FPN width, in every published model
         conv = lambda i, o, k: nn.Conv2d(i, o, k, padding=k // 2)  # noqa: E731
         self.layers = nn.Sequential(
             conv(in_channels, channels, 3), nn.ReLU(inplace=True),

