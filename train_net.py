@@ -26,12 +26,15 @@ from yolact_d2.evaluation import YolactCOCOEvaluator
 
 
 def checked_dataset_dicts(cfg, names):
-    """Dataset dicts of ``names``; raises FileNotFoundError naming the first image listed but absent."""
+    """Dataset dicts of ``names``, checked before training starts.
+
+    Raises:
+        KeyError: an unregistered dataset name (detectron2's message lists the registered ones).
+        FileNotFoundError: an image listed in the annotations but absent, named.
+        ValueError: RLE masks with ``INPUT.MASK_FORMAT: "polygon"``, naming the image.
+    """
     dicts = get_detection_dataset_dicts(
-        names,
-        filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
-        min_keypoints=0,
-        proposal_files=None,
+        names, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS, min_keypoints=0, proposal_files=None
     )
     missing = [d["file_name"] for d in dicts if not os.path.isfile(d["file_name"])]
     if missing:
@@ -39,6 +42,12 @@ def checked_dataset_dicts(cfg, names):
             f"{len(missing)} image(s) of {', '.join(names)} listed in the annotations are missing on disk, "
             f"first: {missing[0]} (fix the image root of the dataset registration)"
         )
+    if cfg.MODEL.MASK_ON and cfg.INPUT.MASK_FORMAT == "polygon":
+        for d in dicts:
+            if any(isinstance(a.get("segmentation"), dict) for a in d.get("annotations", [])):
+                raise ValueError(
+                    f"{d['file_name']} has RLE masks but INPUT.MASK_FORMAT is 'polygon'; set INPUT.MASK_FORMAT bitmask"
+                )
     return dicts
 
 

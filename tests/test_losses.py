@@ -80,3 +80,56 @@ def test_image_without_instances_trains_and_gradients_flow():
     only_empty = model([{"image": image, "instances": empty}])
     assert only_empty["loss_box_reg"] == 0 and only_empty["loss_mask"] == 0
     assert torch.isfinite(only_empty["loss_sem_seg"])
+
+
+def test_mask_iou_loss_follows_the_original_semantics():
+    """YOLACT++'s mask-IoU loss on the coco9 reference, against a direct transcription of the
+    reference README's formula (positives from the matching that reproduces B, C and M above)."""
+    import torch.nn.functional as F
+    from detectron2.checkpoint import DetectionCheckpointer
+
+    from yolact_d2.losses import match_priors
+    from yolact_d2.priors import priors_to_boxes
+
+    ref = torch.load(need(REFERENCE / "yolact_resnet50_seed1_loss_coco9.pth"), weights_only=False)
+    cfg = yolact_cfg(opts=["MODEL.YOLACT.MASK_RESCORING.ENABLED", "True", "MODEL.YOLACT.MASKS_TO_TRAIN", "100000"])
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    DetectionCheckpointer(model).load(str(need(REFERENCE / "yolact_resnet50_seed1.pth")))
+    freeze_bn(model)
+    for p in model.mask_rescoring.parameters():  # decisive, non-trivial IoU predictions
+        torch.nn.init.normal_(p, std=0.3)
+    image = ref["input_550"][0] * model.pixel_std + model.pixel_mean
+    t = ref["targets"][0]
+    inst = Instances((550, 550))
+    inst.gt_boxes = Boxes(t[:, :4] * 550)
+    inst.gt_classes = t[:, 4].long()
+    inst.gt_masks = BitMasks(ref["gt_masks_550"])
+    losses = model([{"image": image, "instances": inst}])
+    assert abs(losses["loss_mask"].item() - ref["losses"]["M"]) / ref["losses"]["M"] <= 1e-3
+
+    with torch.no_grad():
+        out = model._forward_network(model.preprocess_image([{"image": image}]))
+        labels, matched = match_priors(priors_to_boxes(out["priors"]), t[:, :4], t[:, 4].long(), None, 80)
+        pos = ((labels >= 0) & (labels < 80)).nonzero().squeeze(1)
+        proto = out["prototypes"][0]  # (138, 138, 32)
+        masks = torch.sigmoid(proto @ out["mask_coeffs"][0, pos].t())  # (138, 138, P)
+        boxes = t[matched[pos], :4]
+        g = (F.interpolate(ref["gt_masks_550"][None].float(), (138, 138), mode="bilinear", align_corners=False)[0] > 0.5).float()
+        g = g[matched[pos]].permute(1, 2, 0)  # (138, 138, P)
+        x0 = (boxes[:, 0] * 138 - 1).clamp(min=0)
+        x1 = (boxes[:, 2] * 138 + 1).clamp(max=138)
+        y0 = (boxes[:, 1] * 138 - 1).clamp(min=0)
+        y1 = (boxes[:, 3] * 138 + 1).clamp(max=138)
+        c = torch.arange(138.0)
+        crop = ((c[None, :, None] >= x0) & (c[None, :, None] < x1) & (c[:, None, None] >= y0) & (c[:, None, None] < y1))
+        masks = masks * crop
+        keep = g.sum(dim=(0, 1)) > 25
+        binary = (masks[:, :, keep] > 0.5).float()
+        inter = (binary * g[:, :, keep]).sum(dim=(0, 1))
+        target = inter / (binary.sum(dim=(0, 1)) + g[:, :, keep].sum(dim=(0, 1)) - inter)
+        pred = model.mask_rescoring(masks[:, :, keep].permute(2, 0, 1)[:, None])
+        pred = pred.gather(1, t[matched[pos][keep], 4].long()[:, None]).squeeze(1)
+        expected = 25 * F.smooth_l1_loss(pred, target, reduction="sum") / len(pos)
+    assert expected > 0
+    assert abs(losses["loss_mask_iou"].item() - expected.item()) / expected.item() <= 1e-4

@@ -2,6 +2,7 @@
 import cv2
 import numpy as np
 import pycocotools.mask as mask_util
+import pytest
 import torch
 
 from conftest import DATA, matched_detections, need
@@ -41,3 +42,35 @@ def test_final_detections_match_original(reference_model, reference_outputs):
         inst, reference_outputs["classes"], reference_outputs["scores"], reference_outputs["boxes"], ref_masks
     )
     assert matched >= 0.95 * n, f"{matched}/{n} original detections reproduced"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_original_and_cpu(reference_model, reference_outputs):
+    """The same checkpoint on CUDA (fp32, TF32 off) reproduces the original's raw outputs, and
+    fp16 autocast keeps the final detections close to fp32's."""
+    import copy
+
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model = copy.deepcopy(reference_model).cuda().eval()
+    x = reference_outputs["input_550"].cuda()
+    with torch.no_grad():
+        out = model.forward_raw(x)
+    raw = reference_outputs["raw"]
+    conf = torch.cat([raw["conf"][..., 1:], raw["conf"][..., :1]], dim=-1)
+    for name, ref in {"box_deltas": raw["loc"], "class_scores": conf, "mask_coeffs": raw["mask"],
+                      "prototypes": raw["proto"]}.items():
+        assert rel_err(out[name].cpu(), ref) <= 1e-4, name
+    path = need(DATA / "coco128" / "images" / reference_outputs["image"])
+    bgr = cv2.imread(str(path))
+    image = torch.as_tensor(np.ascontiguousarray(bgr[:, :, ::-1].transpose(2, 0, 1)))
+    with torch.no_grad():
+        fp32 = model([{"image": image}])[0]["instances"].to("cpu")
+        with torch.autocast("cuda", dtype=torch.float16):
+            fp16 = model([{"image": image}])[0]["instances"].to("cpu")
+    assert fp32.pred_masks.device.type == "cpu" and len(fp32) == len(reference_outputs["scores"])
+    ref_masks = mask_util.decode(reference_outputs["masks_rle"]).transpose(2, 0, 1).astype(bool)
+    args = (reference_outputs["classes"], reference_outputs["scores"], reference_outputs["boxes"], ref_masks)
+    assert matched_detections(fp32, *args) >= 0.95 * len(fp32)
+    # fp16 rounds scores at ~1e-3: compare its top detections with fp32's loosely.
+    assert torch.allclose(fp16.scores[:20].float(), fp32.scores[:20], atol=1e-2)

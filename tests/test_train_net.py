@@ -1,0 +1,99 @@
+"""train_net.py: resume, NaN handling and bad-data errors (detectron2's trainer under the hood)."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import DATA, REPO, need
+
+TINY = [
+    "MODEL.YOLACT.INPUT_SIZE", "128", "MODEL.FPN.OUT_CHANNELS", "32", "SOLVER.IMS_PER_BATCH", "2",
+    "DATALOADER.NUM_WORKERS", "0", "DATASETS.TEST", "()", "MODEL.DEVICE", "cpu",
+]
+CONFIG = str(REPO / "configs/pennfudan/yolact_R_18_FPN_320.yaml")
+
+
+def train_net(*args, env=None):
+    return subprocess.run([sys.executable, str(REPO / "train_net.py"), *args], capture_output=True, text=True,
+                          cwd=REPO, env=env, timeout=600)
+
+
+def iterations(out_dir):
+    lines = (out_dir / "metrics.json").read_text().splitlines()
+    return [json.loads(line)["iteration"] for line in lines if '"iteration"' in line]
+
+
+def test_resume_continues_the_same_schedule(tmp_path):
+    need(DATA / "pennfudan")
+    common = ["--config-file", CONFIG, *TINY, "OUTPUT_DIR", str(tmp_path), "SOLVER.CHECKPOINT_PERIOD", "2",
+              "SOLVER.STEPS", "(3,)", "SOLVER.WARMUP_ITERS", "0", "SOLVER.MAX_ITER"]
+    first = train_net(*common, "2")
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert (tmp_path / "last_checkpoint").read_text().strip() == "model_final.pth"
+    state = torch.load(tmp_path / "model_final.pth", weights_only=False)
+    assert state["iteration"] == 1
+    second = train_net("--resume", *common, "4")
+    assert second.returncode == 0, second.stderr[-2000:]
+    log = (tmp_path / "log.txt").read_text()
+    assert "Starting training from iteration 2" in log
+    # metrics.json is appended (written at each run's last iteration), not restarted.
+    assert iterations(tmp_path) == [1, 3]
+    # The multi-step schedule continued: lr dropped x0.1 at iteration 3 of the same schedule.
+    lrs = {json.loads(line)["iteration"]: json.loads(line)["lr"]
+           for line in (tmp_path / "metrics.json").read_text().splitlines() if '"lr"' in line}
+    assert lrs[3] == pytest.approx(lrs[1] * 0.1)
+
+
+def test_nan_loss_stops_training_naming_the_iteration(tmp_path):
+    need(DATA / "pennfudan")
+    sys.path.insert(0, str(REPO))
+    from train_net import Trainer
+    from detectron2.config import get_cfg
+    from yolact_d2 import add_yolact_config
+    from yolact_d2.data.datasets import register_builtin_datasets
+
+    register_builtin_datasets()
+    cfg = get_cfg()
+    add_yolact_config(cfg)
+    cfg.merge_from_file(CONFIG)
+    cfg.merge_from_list(TINY + ["OUTPUT_DIR", str(tmp_path), "SOLVER.MAX_ITER", "3"])
+    trainer = Trainer(cfg)
+    real = trainer.model.criterion
+
+    def nan_at_second_call(*args, calls=[0], **kwargs):
+        losses = real(*args, **kwargs)
+        calls[0] += 1
+        if calls[0] == 2:
+            losses["loss_cls"] = losses["loss_cls"] * float("nan")
+        return losses
+
+    trainer.model.criterion = nan_at_second_call
+    with pytest.raises(FloatingPointError, match="iteration=1"):
+        trainer.train()
+
+
+def test_bad_data_errors_name_the_problem(tmp_path):
+    unknown = train_net("--config-file", CONFIG, *TINY, "DATASETS.TRAIN", "('no_such_dataset',)",
+                        "OUTPUT_DIR", str(tmp_path / "a"))
+    assert unknown.returncode != 0 and "Traceback" not in unknown.stderr
+    assert "no_such_dataset" in unknown.stderr.strip().splitlines()[-1]
+    bad_key = train_net("--config-file", CONFIG, "MODEL.YOLACT.NO_SUCH_KEY", "1")
+    assert bad_key.returncode != 0 and "Non-existent config key: MODEL.YOLACT.NO_SUCH_KEY" in bad_key.stderr
+    assert "Traceback" not in bad_key.stderr
+
+    # A data root whose Penn-Fudan JSON lists an image that is not on disk.
+    src = json.loads(need(DATA / "pennfudan" / "train.json").read_text())
+    root = tmp_path / "data"
+    (root / "pennfudan" / "images").mkdir(parents=True)
+    (root / "pennfudan" / "train.json").write_text(json.dumps(src))
+    env = {**__import__("os").environ, "YOLACT_D2_DATA": str(root)}
+    missing = train_net("--config-file", CONFIG, *TINY, "OUTPUT_DIR", str(tmp_path / "b"), env=env)
+    assert missing.returncode != 0 and "Traceback" not in missing.stderr
+    assert "FudanPed00001.jpg" in missing.stderr.strip().splitlines()[-1]
+
+    wrong_format = train_net("--config-file", CONFIG, *TINY, "INPUT.MASK_FORMAT", "polygon",
+                             "OUTPUT_DIR", str(tmp_path / "c"))
+    last = wrong_format.stderr.strip().splitlines()[-1]
+    assert wrong_format.returncode != 0 and "INPUT.MASK_FORMAT bitmask" in last and ".jpg" in last
