@@ -96,6 +96,13 @@ def _binarised_resize(masks: torch.Tensor, size) -> torch.Tensor:
     return (F.interpolate(masks[None], size=size, mode="bilinear", align_corners=False)[0] > 0.5).float()
 
 
+def _bce(p: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    # F.binary_cross_entropy on clamp(p, 0, 1), logs clamped at -100 as torch does, but a NaN input
+    # gives a NaN loss (so detectron2 stops with FloatingPointError) instead of a range RuntimeError.
+    p = p.clamp(0, 1)
+    return -(g * torch.log(p).clamp(min=-100) + (1 - g) * torch.log1p(-p).clamp(min=-100))
+
+
 class YolactLoss:
     """Computes the YOLACT losses from the network outputs; see the module docstring.
 
@@ -203,7 +210,7 @@ class YolactLoss:
             boxes = matched_boxes[i][pos_i]
             target = gt_masks_proto[i][gt_idx]
             pred = crop_masks(assemble_masks(protos[i], coeffs[i, pos_i]), boxes)
-            bce = F.binary_cross_entropy(pred.clamp(0, 1), target, reduction="none").sum(dim=(1, 2))
+            bce = _bce(pred, target).sum(dim=(1, 2))
             area = (boxes[:, 2] - boxes[:, 0]) * proto_w * (boxes[:, 3] - boxes[:, 1]) * proto_h
             loss_mask = loss_mask + (bce / area).sum() * (total / pos_i.numel())
             if mask_rescoring is not None:
