@@ -1,4 +1,5 @@
 """Shared fixtures: paths to ../shared (skip when absent) and config/model builders."""
+import os
 from pathlib import Path
 
 import numpy as np
@@ -6,7 +7,8 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
+# ../shared beside the checkout; YOLACT_D2_SHARED points elsewhere (e.g. a copy on a GPU machine).
+SHARED = Path(os.environ.get("YOLACT_D2_SHARED", REPO.parent / "shared"))
 REFERENCE = SHARED / "reference"
 DATA = SHARED / "data"
 

@@ -74,40 +74,51 @@ def test_oracle_reproduces_the_original_outputs(reference_outputs):
         assert rel_err(out[k], reference_outputs["raw"][k]) <= 1e-4, k
 
 
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
 @pytest.mark.parametrize(
-    "config_name, config_file",
-    [("yolact_plus_resnet50_config", "configs/yolact_plus_R_50_FPN_550.yaml"),
-     ("yolact_plus_base_config", "configs/yolact_plus_R_101_FPN_550.yaml")],
+    "config_name, config_file, device",
+    [("yolact_plus_resnet50_config", "configs/yolact_plus_R_50_FPN_550.yaml", "cpu"),
+     ("yolact_plus_base_config", "configs/yolact_plus_R_101_FPN_550.yaml", "cpu"),
+     pytest.param("yolact_plus_resnet50_config", "configs/yolact_plus_R_50_FPN_550.yaml", "cuda", marks=CUDA),
+     pytest.param("yolact_resnet50_config", "configs/yolact_R_50_FPN_550.yaml", "cuda", marks=CUDA)],
 )
-def test_yolact_plus_checkpoint_reproduces_original(config_name, config_file):
+def test_checkpoint_reproduces_original(config_name, config_file, device):
+    """Our model (on ``device``) vs the oracle (CPU) on an original-layout checkpoint."""
+    plus = "plus" in config_name
+    scales, square = (PLUS_SCALES, False) if plus else (V1_SCALES, True)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # exact fp32 on CUDA
     _, rgb, image = real_image_550()
     sd = synthetic_original_checkpoint(config_name, image)
-    model = build_model(yolact_cfg(config_file)).eval()
+    model = build_model(yolact_cfg(config_file, ["MODEL.DEVICE", device])).eval()
     incompatible = model.load_state_dict(sd, strict=True)
     assert not incompatible.missing_keys
     with torch.no_grad():
-        ours = model.forward_raw(image)
-        ref = oracle.forward(sd, image, PLUS_SCALES, square=False)
-    assert ours["priors"].shape == (57744, 4)
+        ours = {k: v.cpu() for k, v in model.forward_raw(image.to(device)).items()}
+        ref = oracle.forward(sd, image, scales, square=square)
+    assert ours["priors"].shape == ((57744 if plus else 19248), 4)
     conf = torch.cat([ref["conf"][..., 1:], ref["conf"][..., :1]], dim=-1)
     pairs = {"box_deltas": ref["loc"], "class_scores": conf, "mask_coeffs": ref["mask"],
              "priors": ref["priors"], "prototypes": ref["proto"]}
     for k, v in pairs.items():
         assert rel_err(ours[k], v) <= 1e-4, (k, rel_err(ours[k], v))
-    if config_name != "yolact_plus_resnet50_config":
-        return  # final detections once is enough (the R-101 raw check covers the layout)
+    if config_name == "yolact_plus_base_config":
+        return  # final detections once per device is enough (the R-101 raw check covers the layout)
     h, w = rgb.shape[:2]
     t = torch.as_tensor(np.ascontiguousarray(rgb.transpose(2, 0, 1)))
     with torch.no_grad():
-        inst = model([{"image": t, "height": h, "width": w}])[0]["instances"]
-        ref_det = oracle.detect(sd, oracle.forward(sd, model.preprocess_image([{"image": t}]), PLUS_SCALES, square=False), h, w)
+        inst = model([{"image": t, "height": h, "width": w}])[0]["instances"].to("cpu")
+        x = model.preprocess_image([{"image": t}]).cpu()
+    ref_det = oracle.detect(sd, oracle.forward(sd, x, scales, square=square), h, w)
     n = len(ref_det["scores"])
     assert n >= 20 and len(inst) == n
     assert matched_detections(inst, ref_det["classes"], ref_det["scores"], ref_det["boxes"], ref_det["masks"]) >= 0.95 * n
-    # Mask scores (class confidence x predicted IoU) are re-scored, box scores are not.
-    assert matched_detections(inst, ref_det["classes"], ref_det["mask_scores"], ref_det["boxes"], ref_det["masks"],
-                              score_field="mask_scores") >= 0.95 * n
-    assert not torch.allclose(inst.mask_scores, inst.scores)
+    if plus:
+        # Mask scores (class confidence x predicted IoU) are re-scored, box scores are not.
+        assert matched_detections(inst, ref_det["classes"], ref_det["mask_scores"], ref_det["boxes"],
+                                  ref_det["masks"], score_field="mask_scores") >= 0.95 * n
+        assert not torch.allclose(inst.mask_scores, inst.scores)
 
 
 def test_deformable_block_with_zero_offsets_and_unit_masks_is_the_plain_block():
@@ -141,7 +152,7 @@ def test_deformable_blocks_sit_where_the_original_puts_them():
     assert deformable == expected
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@CUDA
 def test_deformable_conv_on_cuda_matches_cpu():
     torch.manual_seed(0)
     conv = ModulatedDeformConv(16, 32, 3, stride=1, padding=1)

@@ -75,6 +75,8 @@ def main(argv=None):
         MetadataCatalog.remove(DATASET)
     DatasetCatalog.register(DATASET, lambda: dicts)
     MetadataCatalog.get(DATASET).set(thing_classes=CLASSES, evaluator_type="coco")
+    # COCOEvaluator caches its COCO-format copy of the dataset; this one is rebuilt every run.
+    (out / "inference" / f"{DATASET}_coco_format.json").unlink(missing_ok=True)
     n_inst = sum(len(d["annotations"]) for d in dicts)
     print(f"main job: {len(dicts)} photos, {n_inst} instances, {cfg.SOLVER.MAX_ITER} iterations on {cfg.MODEL.DEVICE}")
 

@@ -27,9 +27,9 @@ def batched_pairwise_iou(boxes: torch.Tensor) -> torch.Tensor:
 
 
 def _top_k_per_class(scores: torch.Tensor, top_k: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    # scores (M, C) -> per class, the top_k scores and candidate indices, each (C, K)
-    scores, idx = scores.t().sort(dim=1, descending=True)
-    return scores[:, :top_k], idx[:, :top_k]
+    # scores (M, C) -> per class, the top_k scores (descending) and candidate indices, each (C, K).
+    # topk, not a full sort: with ~17k candidates x 80 classes the sort dominated Fast NMS on CPU.
+    return scores.t().topk(min(top_k, scores.shape[0]), dim=1, sorted=True)
 
 
 def _suppressed_by_any(iou: torch.Tensor, iou_threshold: float) -> torch.Tensor:
@@ -87,8 +87,7 @@ def multiclass_nms(
         return empty, empty.clone(), scores.new_zeros(0)
     if class_agnostic:
         best, classes = scores.max(dim=1)
-        sc, idx = best.sort(descending=True)
-        sc, idx = sc[:top_k], idx[:top_k]
+        sc, idx = best.topk(min(top_k, best.shape[0]), sorted=True)
         cls = classes[idx]
     else:
         sc, idx = _top_k_per_class(scores, top_k)  # (C, K)
