@@ -84,7 +84,7 @@ def test_torchvision_resnet_initialises_the_bottom_up():
     with torch.no_grad():
         ours = model.backbone.bottom_up(x)["res5"]
         theirs = torch.nn.Sequential(*list(tv.children())[:-2])(x)
-    assert torch.allclose(ours, theirs, atol=1e-4, rtol=1e-4)
+    assert ((ours - theirs).norm() / theirs.norm()).item() <= 1e-5  # values reach ~50: relative
 
 
 def test_convert_tool_writes_a_checkpoint_that_loads_strictly(tmp_path, reference_outputs):

@@ -93,6 +93,9 @@ class YOLACT(nn.Module):
         self.register_buffer("pixel_std", torch.tensor(cfg.MODEL.PIXEL_STD).view(-1, 1, 1), False)
         self.criterion = YolactLoss(cfg)
         self.register_load_state_dict_pre_hook(upgrade_state_dict)
+        self.channels_last = y.CHANNELS_LAST
+        if self.channels_last:
+            self.to(memory_format=torch.channels_last)  # 4-D weights only; loading keeps the format
 
     def _init_weights(self):
         # Original init_weights: Xavier-uniform weights and zero biases for every non-backbone conv.
@@ -127,7 +130,8 @@ class YOLACT(nn.Module):
             if img.shape[-2:] != (s, s):
                 img = F.interpolate(img[None], size=(s, s), mode="bilinear", align_corners=False)[0]
             out.append(img)
-        return torch.stack(out)
+        images = torch.stack(out)
+        return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
 
     # ------------------------------------------------------------------ network
     def _forward_network(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
@@ -179,7 +183,7 @@ class YOLACT(nn.Module):
         return self.criterion(out, sem_seg_logits, gt_instances, crowd_boxes, self.mask_rescoring)
 
     # ------------------------------------------------------------------ inference
-    @torch.no_grad()
+    @torch.inference_mode()
     def inference(self, batched_inputs: List[Dict]) -> List[Dict[str, Instances]]:
         """Detections per image: ``[{"instances": Instances}]`` (see the class docstring)."""
         images = self.preprocess_image(batched_inputs)
