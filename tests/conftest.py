@@ -28,8 +28,8 @@ def yolact_cfg(config="configs/yolact_R_50_FPN_550.yaml", opts=()):
     cfg = get_cfg()
     add_yolact_config(cfg)
     cfg.merge_from_file(str(REPO / config))
+    cfg.MODEL.DEVICE = "cpu"  # unless opts say otherwise
     cfg.merge_from_list(list(opts))
-    cfg.MODEL.DEVICE = "cpu"
     return cfg
 
 

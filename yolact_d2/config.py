@@ -25,6 +25,10 @@ def add_yolact_config(cfg):
     # Run convolutions in NHWC (channels-last) memory format: same numbers (to float rounding),
     # measured 14% faster for the R-50 network on this project's CPU; also what tensor cores want.
     _C.MODEL.YOLACT.CHANNELS_LAST = True
+    # torch.compile mode for the network (backbone, head, protonet) at inference, e.g.
+    # "reduce-overhead" (CUDA graphs: removes the kernel-launch overhead that bounds batch-1 GPU
+    # latency) or "default"; "" runs eagerly. Compiles on the first call (tens of seconds).
+    _C.MODEL.YOLACT.COMPILE = ""
     # k, the number of prototype masks (paper Sec. 3.1).
     _C.MODEL.YOLACT.NUM_PROTOTYPES = 32
 

@@ -93,6 +93,8 @@ class YOLACT(nn.Module):
         self.register_buffer("pixel_std", torch.tensor(cfg.MODEL.PIXEL_STD).view(-1, 1, 1), False)
         self.criterion = YolactLoss(cfg)
         self.register_load_state_dict_pre_hook(upgrade_state_dict)
+        self.compile_mode = y.COMPILE
+        self._compiled = None
         self.channels_last = y.CHANNELS_LAST
         if self.channels_last:
             self.to(memory_format=torch.channels_last)  # 4-D weights only; loading keeps the format
@@ -134,18 +136,29 @@ class YOLACT(nn.Module):
         return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
 
     # ------------------------------------------------------------------ network
-    def _forward_network(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def _network(self, images: torch.Tensor):
+        # Tensors only (no Python caches), so that torch.compile can capture it whole.
         features = self.backbone(images)
         level_features = [features[f] for f in self.in_features]
         box_deltas, class_logits, mask_coeffs = self.head(level_features)
-        priors = self.prior_generator([tuple(f.shape[-2:]) for f in level_features], images.device)
+        proto_features = features[self.protonet_in_feature]
+        sizes = [f.shape[-2:] for f in level_features]
+        return box_deltas, class_logits, mask_coeffs, self.protonet(proto_features), proto_features, sizes
+
+    def _forward_network(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
+        network = self._network
+        if self.compile_mode and not self.training:
+            if self._compiled is None:
+                self._compiled = torch.compile(self._network, mode=self.compile_mode)
+            network = self._compiled
+        box_deltas, class_logits, mask_coeffs, prototypes, proto_features, sizes = network(images)
         return {
             "box_deltas": box_deltas,
             "class_logits": class_logits,
             "mask_coeffs": mask_coeffs,
-            "priors": priors,
-            "prototypes": self.protonet(features[self.protonet_in_feature]),
-            "proto_features": features[self.protonet_in_feature],
+            "priors": self.prior_generator([tuple(int(v) for v in s) for s in sizes], images.device),
+            "prototypes": prototypes,
+            "proto_features": proto_features,
         }
 
     def forward_raw(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
