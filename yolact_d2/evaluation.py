@@ -28,10 +28,13 @@ class YolactCOCOEvaluator(COCOEvaluator):
                 result["mask_score"] = mask_score
 
     def _eval_predictions(self, predictions, img_ids=None):
-        rescored = any("mask_score" in r for p in predictions for r in p.get("instances", []))
-        tasks = set(self._tasks or ())
+        results = [r for p in predictions for r in p.get("instances", [])]
+        rescored = any("mask_score" in r for r in results)
+        # COCOEvaluator infers the tasks from the results when none were given.
+        tasks = set(self._tasks or self._tasks_from_predictions(results))
         if not rescored or "segm" not in tasks:
             return super()._eval_predictions(predictions, img_ids)
+        original_tasks = self._tasks
         try:
             self._tasks = tuple(tasks - {"segm"})
             if self._tasks:
@@ -44,4 +47,4 @@ class YolactCOCOEvaluator(COCOEvaluator):
             self._tasks = ("segm",)
             super()._eval_predictions(masked, img_ids)
         finally:
-            self._tasks = tuple(tasks)
+            self._tasks = original_tasks

@@ -8,7 +8,8 @@ positive priors N_pos:
 - ``loss_mask``: 6.125 x BCE of assembled masks, cropped to the matched ground-truth box and
   normalised by that box's area on the prototype grid;
 - ``loss_mask_iou`` (YOLACT++): 25 x smooth-L1 of the re-scoring net's IoU for the ground-truth
-  class;
+  class, on at most MASKS_TO_TRAIN masks of the batch whose ground truth covers more than
+  MIN_GT_AREA prototype cells;
 
 and ``loss_sem_seg`` (1 x BCE-with-logits of a 1x1 conv on P3, per pixel, / batch size).
 """
@@ -218,7 +219,7 @@ class YolactLoss:
                 binary = (pred[big] > 0.5).float()
                 inter = (binary * target[big]).sum(dim=(1, 2))
                 union = binary.sum(dim=(1, 2)) + target[big].sum(dim=(1, 2)) - inter
-                iou_inputs.append(pred[big].detach())  # re-scoring must not reshape the masks
+                iou_inputs.append(pred[big])  # not detached, as the original
                 iou_targets.append(inter / union.clamp(min=1))
                 iou_classes.append(gt_instances[i].gt_classes[gt_idx[big]])
         losses["loss_mask"] = self.mask_weight * loss_mask / norm
@@ -230,9 +231,12 @@ class YolactLoss:
 
         if mask_rescoring is not None:
             if iou_inputs and sum(len(x) for x in iou_inputs):
-                pred_iou = mask_rescoring(torch.cat(iou_inputs)[:, None])
-                pred_iou = pred_iou.gather(1, torch.cat(iou_classes)[:, None]).squeeze(1)
-                loss_iou = F.smooth_l1_loss(pred_iou, torch.cat(iou_targets), reduction="sum")
+                inputs, targets, classes = torch.cat(iou_inputs), torch.cat(iou_targets), torch.cat(iou_classes)
+                if len(inputs) > self.masks_to_train:  # the original caps the batch's re-scoring inputs too
+                    keep = torch.randperm(len(inputs), device=inputs.device)[: self.masks_to_train]
+                    inputs, targets, classes = inputs[keep], targets[keep], classes[keep]
+                pred_iou = mask_rescoring(inputs[:, None]).gather(1, classes[:, None]).squeeze(1)
+                loss_iou = F.smooth_l1_loss(pred_iou, targets, reduction="sum")
             else:  # keep the graph connected so DDP sees every parameter used
                 loss_iou = sum(p.sum() for p in mask_rescoring.parameters()) * 0.0
             losses["loss_mask_iou"] = self.mask_iou_weight * loss_iou / norm
