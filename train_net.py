@@ -69,8 +69,12 @@ class Trainer(DefaultTrainer):
 def setup(args):
     cfg = get_cfg()
     add_yolact_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    try:
+        cfg.merge_from_file(args.config_file)
+        cfg.merge_from_list(args.opts)
+    except (KeyError, AssertionError, ValueError) as e:  # yacs: unknown key, bad value or type
+        msg = e.args[0] if e.args else str(e)
+        raise SystemExit(f"error: config {args.config_file} / opts: {msg}") from None
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         logging.getLogger("detectron2").warning("CUDA is not available: running on the CPU")
         cfg.MODEL.DEVICE = "cpu"
