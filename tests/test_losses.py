@@ -18,19 +18,23 @@ def freeze_bn(model):
     return model
 
 
+def coco9_training_input(model, ref):
+    """The loss reference as detectron2's training input: a 0-255 image in INPUT.FORMAT (the
+    stored normalised input, un-normalised) and Instances in pixels."""
+    t = ref["targets"][0]
+    inst = Instances((550, 550))
+    inst.gt_boxes = Boxes(t[:, :4] * 550)
+    inst.gt_classes = t[:, 4].long()
+    inst.gt_masks = BitMasks(ref["gt_masks_550"])
+    return {"image": ref["input_550"][0] * model.pixel_std + model.pixel_mean, "instances": inst}
+
+
 def test_losses_match_original_on_coco9(reference_model):
     ref = torch.load(need(REFERENCE / "yolact_resnet50_seed1_loss_coco9.pth"), weights_only=False)
     model = freeze_bn(reference_model)
     model.criterion.masks_to_train = 10**6  # the reference did not subsample positives
     try:
-        # detectron2's training inputs: a 0-255 image in INPUT.FORMAT and Instances in pixels.
-        image = ref["input_550"][0] * model.pixel_std + model.pixel_mean
-        t = ref["targets"][0]
-        inst = Instances((550, 550))
-        inst.gt_boxes = Boxes(t[:, :4] * 550)
-        inst.gt_classes = t[:, 4].long()
-        inst.gt_masks = BitMasks(ref["gt_masks_550"])
-        losses = model([{"image": image, "instances": inst}])
+        losses = model([coco9_training_input(model, ref)])
     finally:
         model.criterion.masks_to_train = 100
         model.eval()
@@ -99,13 +103,9 @@ def test_mask_iou_loss_follows_the_original_semantics():
     freeze_bn(model)
     for p in model.mask_rescoring.parameters():  # decisive, non-trivial IoU predictions
         torch.nn.init.normal_(p, std=0.3)
-    image = ref["input_550"][0] * model.pixel_std + model.pixel_mean
-    t = ref["targets"][0]
-    inst = Instances((550, 550))
-    inst.gt_boxes = Boxes(t[:, :4] * 550)
-    inst.gt_classes = t[:, 4].long()
-    inst.gt_masks = BitMasks(ref["gt_masks_550"])
-    losses = model([{"image": image, "instances": inst}])
+    sample = coco9_training_input(model, ref)
+    image, t = sample["image"], ref["targets"][0]
+    losses = model([sample])
     assert abs(losses["loss_mask"].item() - ref["losses"]["M"]) / ref["losses"]["M"] <= 1e-3
 
     with torch.no_grad():

@@ -1,4 +1,5 @@
 """The YOLACT / YOLACT++ meta-architecture, registered as ``META_ARCHITECTURE: "YOLACT"``."""
+import contextlib
 from typing import Dict, List
 
 import torch
@@ -213,34 +214,51 @@ class YOLACT(nn.Module):
             )})
         return results
 
-    def detect(self, box_deltas, class_scores, mask_coeffs, prototypes, prior_boxes, height, width) -> Instances:
+    def decode_candidates(self, box_deltas, class_scores, prior_boxes):
+        """Box decoding + score filter of one image: priors whose best foreground score is above
+        SCORE_THRESH_TEST. Returns ``(index (M,), boxes (M, 4) relative x0y0x1y1, scores (M, C))``."""
+        fg = class_scores[:, : self.num_classes]
+        cand = (fg.max(dim=1).values > self.score_thresh).nonzero().squeeze(1)
+        return cand, self.box_coder.apply_deltas(box_deltas[cand], prior_boxes[cand]), fg[cand]
+
+    def detect(self, box_deltas, class_scores, mask_coeffs, prototypes, prior_boxes, height, width, clock=None) -> Instances:
         """Detections of one image from its raw outputs (original ``Detect`` + ``postprocess``).
 
         Args:
             box_deltas: (A, 4); class_scores: (A, C + 1) softmax, background last;
             mask_coeffs: (A, k); prototypes: (h, w, k); prior_boxes: (A, 4) relative (x0, y0, x1, y1).
             height, width: output image size in pixels.
+            clock: optional ``clock(stage_name)`` context-manager factory; tools/benchmark.py
+                times the stages of this very code with it.
         Returns:
             ``Instances`` of at most DETECTIONS_PER_IMAGE detections, highest score first.
         """
-        fg = class_scores[:, : self.num_classes]
-        cand = (fg.max(dim=1).values > self.score_thresh).nonzero().squeeze(1)
-        boxes = self.box_coder.apply_deltas(box_deltas[cand], prior_boxes[cand])
-        idx, classes, scores = multiclass_nms(
-            boxes, fg[cand], self.nms_thresh, self.nms_top_k, self.max_detections,
-            method=self.nms_type, class_agnostic=self.nms_class_agnostic,
-        )
-        boxes = boxes[idx]
-        masks = crop_masks(assemble_masks(prototypes, mask_coeffs[cand[idx]]), boxes)
+        clock = clock or _untimed
+        with clock("box_decode"):
+            cand, boxes, fg = self.decode_candidates(box_deltas, class_scores, prior_boxes)
+        with clock("nms"):
+            idx, classes, scores = multiclass_nms(
+                boxes, fg, self.nms_thresh, self.nms_top_k, self.max_detections,
+                method=self.nms_type, class_agnostic=self.nms_class_agnostic,
+            )
+            boxes = boxes[idx]
+        with clock("mask"):
+            masks = crop_masks(assemble_masks(prototypes, mask_coeffs[cand[idx]]), boxes)
         result = Instances((height, width))
         if self.mask_rescoring is not None:
-            result.mask_scores = scores * self.mask_rescoring.predict_iou(masks, classes)
-        size = boxes.new_tensor([width, height, width, height])
-        boxes = boxes * size
-        boxes = torch.cat([torch.min(boxes[:, :2], boxes[:, 2:]), torch.max(boxes[:, :2], boxes[:, 2:])], dim=1)
-        boxes = torch.min(boxes.clamp(min=0), size)
-        result.pred_boxes = Boxes(boxes)
-        result.scores = scores
-        result.pred_classes = classes
-        result.pred_masks = upsample_masks(masks, height, width, self.mask_threshold)
+            with clock("rescoring"):
+                result.mask_scores = scores * self.mask_rescoring.predict_iou(masks, classes)
+        with clock("output"):
+            size = boxes.new_tensor([width, height, width, height])
+            boxes = boxes * size
+            boxes = torch.cat([torch.min(boxes[:, :2], boxes[:, 2:]), torch.max(boxes[:, :2], boxes[:, 2:])], dim=1)
+            result.pred_boxes = Boxes(torch.min(boxes.clamp(min=0), size))
+            result.scores = scores
+            result.pred_classes = classes
+        with clock("mask"):
+            result.pred_masks = upsample_masks(masks, height, width, self.mask_threshold)
         return result
+
+
+def _untimed(stage: str):
+    return contextlib.nullcontext()
