@@ -3,7 +3,7 @@ import pytest
 import torch
 from torchvision.ops import box_iou, nms
 
-from yolact_d2.fast_nms import batched_pairwise_iou, multiclass_nms
+from yolact_d2.fast_nms import _overlaps_above, multiclass_nms
 
 
 def random_candidates(seed, m=300, c=5):
@@ -79,11 +79,16 @@ def test_class_agnostic_nms_never_keeps_overlapping_pairs():
         assert iou.max() <= 0.5
 
 
-def test_batched_pairwise_iou_equals_torchvision():
+def test_overlap_test_equals_torchvision_iou_above_threshold():
+    """Fast NMS's division-free overlap test (inter * (1 + t) > t * (a_i + a_j), upper triangle)
+    against torchvision's box_iou, in batches."""
     boxes, _ = random_candidates(5, m=40)
     batch = torch.stack([boxes, boxes.flip(0)])
-    assert torch.allclose(batched_pairwise_iou(batch)[0], box_iou(boxes, boxes), atol=1e-6)
-    assert torch.allclose(batched_pairwise_iou(batch)[1], box_iou(boxes.flip(0), boxes.flip(0)), atol=1e-6)
+    for t in (0.3, 0.5, 0.7):
+        got = _overlaps_above(batch, t)
+        for b in range(2):
+            expected = (box_iou(batch[b], batch[b]) > t).triu(diagonal=1)
+            assert torch.equal(got[b], expected)
 
 
 def test_max_detections_and_empty_input():

@@ -8,22 +8,7 @@ from typing import Tuple
 import torch
 from torchvision.ops import batched_nms
 
-__all__ = ["batched_pairwise_iou", "fast_nms", "cluster_fast_nms", "standard_nms", "multiclass_nms"]
-
-
-def batched_pairwise_iou(boxes: torch.Tensor) -> torch.Tensor:
-    """IoU of every pair of boxes within each batch entry.
-
-    Args:
-        boxes: (B, n, 4) as (x0, y0, x1, y1), any unit.
-    Returns:
-        (B, n, n) IoU in [0, 1]; entry [b, i, j] is IoU(boxes[b, i], boxes[b, j]).
-    """
-    lt = torch.max(boxes[:, :, None, :2], boxes[:, None, :, :2])
-    rb = torch.min(boxes[:, :, None, 2:], boxes[:, None, :, 2:])
-    inter = (rb - lt).clamp(min=0).prod(dim=-1)
-    area = (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
-    return inter / (area[:, :, None] + area[:, None, :] - inter)
+__all__ = ["fast_nms", "cluster_fast_nms", "standard_nms", "multiclass_nms"]
 
 
 def _top_k_per_class(scores: torch.Tensor, top_k: int) -> Tuple[torch.Tensor, torch.Tensor]:
