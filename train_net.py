@@ -21,6 +21,7 @@ from detectron2.evaluation import verify_results
 
 from yolact_d2 import add_yolact_config
 from yolact_d2.data import YolactDatasetMapper
+from yolact_d2.data.dataset_mapper import check_annotations
 from yolact_d2.data.datasets import register_builtin_datasets
 from yolact_d2.evaluation import YolactCOCOEvaluator
 
@@ -31,7 +32,7 @@ def checked_dataset_dicts(cfg, names):
     Raises:
         KeyError: an unregistered dataset name (detectron2's message lists the registered ones).
         FileNotFoundError: an image listed in the annotations but absent, named.
-        ValueError: RLE masks with ``INPUT.MASK_FORMAT: "polygon"``, naming the image.
+        ValueError: masks the mask format cannot hold (``check_annotations``), naming the image.
     """
     dicts = get_detection_dataset_dicts(
         names, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS, min_keypoints=0, proposal_files=None
@@ -42,12 +43,9 @@ def checked_dataset_dicts(cfg, names):
             f"{len(missing)} image(s) of {', '.join(names)} listed in the annotations are missing on disk, "
             f"first: {missing[0]} (fix the image root of the dataset registration)"
         )
-    if cfg.MODEL.MASK_ON and cfg.INPUT.MASK_FORMAT == "polygon":
+    if cfg.MODEL.MASK_ON:
         for d in dicts:
-            if any(isinstance(a.get("segmentation"), dict) for a in d.get("annotations", [])):
-                raise ValueError(
-                    f"{d['file_name']} has RLE masks but INPUT.MASK_FORMAT is 'polygon'; set INPUT.MASK_FORMAT bitmask"
-                )
+            check_annotations(d.get("annotations", []), d["file_name"], cfg.INPUT.MASK_FORMAT)
     return dicts
 
 

@@ -14,9 +14,50 @@ from detectron2.structures import BitMasks, BoxMode, Boxes, PolygonMasks
 
 from .augmentations import build_yolact_train_augmentation
 
-__all__ = ["YolactDatasetMapper"]
+__all__ = ["YolactDatasetMapper", "check_annotations"]
 
 logger = logging.getLogger(__name__)
+
+
+def check_annotations(annos: List[dict], file_name: str, mask_format: str) -> None:
+    """Fail early, with the fix in the message, on masks that ``mask_format`` cannot hold.
+
+    Used per image by :class:`YolactDatasetMapper` and over a whole dataset by ``train_net.py``
+    before training starts.
+
+    Raises:
+        ValueError: a non-crowd annotation without "segmentation", an RLE mask with
+            ``mask_format`` "polygon", or a segmentation that is neither polygons nor RLE;
+            the message names ``file_name``.
+    """
+    for i, obj in enumerate(annos):
+        if obj.get("iscrowd", 0):
+            continue  # crowd masks are not used
+        segm = obj.get("segmentation")
+        if segm is None:
+            raise ValueError(
+                f"{file_name}: annotation {i} has no 'segmentation'; YOLACT needs instance "
+                "masks for every non-crowd object."
+            )
+        if isinstance(segm, dict):
+            if mask_format == "polygon":
+                raise ValueError(
+                    f"{file_name}: annotation {i} has an RLE mask but INPUT.MASK_FORMAT is "
+                    '"polygon"; set INPUT.MASK_FORMAT: "bitmask" in the config (or pass '
+                    "INPUT.MASK_FORMAT bitmask on the command line) to train on RLE masks."
+                )
+        elif not isinstance(segm, list):
+            raise ValueError(
+                f"{file_name}: annotation {i} has a segmentation of type "
+                f"{type(segm).__name__}; expected polygons (list) or COCO RLE (dict)."
+            )
+
+
+def _xyxy(annos: List[dict]) -> np.ndarray:
+    # (N, 4) float32 XYXY_ABS boxes of detectron2 annotations, N >= 0.
+    if not annos:
+        return np.zeros((0, 4), dtype=np.float32)
+    return np.stack([BoxMode.convert(o["bbox"], o["bbox_mode"], BoxMode.XYXY_ABS) for o in annos]).astype(np.float32)
 
 
 class YolactDatasetMapper:
@@ -117,37 +158,11 @@ class YolactDatasetMapper:
                 "(check the dataset's image_root / file_name)"
             ) from e
 
-    def _check_annotations(self, annos: List[dict], file_name: str) -> None:
-        """Fail early, with the fix in the message, on masks the mask format cannot hold."""
-        for i, obj in enumerate(annos):
-            if obj.get("iscrowd", 0):
-                continue  # crowd masks are not used
-            segm = obj.get("segmentation")
-            if segm is None:
-                raise ValueError(
-                    f"{file_name}: annotation {i} has no 'segmentation'; YOLACT needs instance "
-                    "masks for every non-crowd object."
-                )
-            if isinstance(segm, dict):
-                if self.mask_format == "polygon":
-                    raise ValueError(
-                        f"{file_name}: annotation {i} has an RLE mask but INPUT.MASK_FORMAT is "
-                        '"polygon"; set INPUT.MASK_FORMAT: "bitmask" to train on RLE masks.'
-                    )
-            elif not isinstance(segm, list):
-                raise ValueError(
-                    f"{file_name}: annotation {i} has a segmentation of type "
-                    f"{type(segm).__name__}; expected polygons (list) or COCO RLE (dict)."
-                )
-
     @staticmethod
-    def _center_inside(annos: List[dict], transforms, image_shape) -> np.ndarray:
-        """Bool per annotation: its original box centre, transformed, lies strictly inside."""
-        if not annos:
+    def _center_inside(boxes: np.ndarray, transforms, image_shape) -> np.ndarray:
+        """Bool per (N, 4) XYXY box of the input image: its centre, transformed, lies strictly inside."""
+        if len(boxes) == 0:
             return np.zeros(0, dtype=bool)
-        boxes = np.stack(
-            [BoxMode.convert(obj["bbox"], obj["bbox_mode"], BoxMode.XYXY_ABS) for obj in annos]
-        ).astype(np.float64)
         # Every transform here maps axis-aligned boxes to axis-aligned boxes affinely, so the
         # centre of the transformed box is the transformed centre.
         centers = transforms.apply_coords((boxes[:, :2] + boxes[:, 2:]) / 2.0)
@@ -167,7 +182,7 @@ class YolactDatasetMapper:
         file_name = dataset_dict["file_name"]
         annos = dataset_dict.pop("annotations", None) or []
         if self.is_train:
-            self._check_annotations(annos, file_name)
+            check_annotations(annos, file_name, self.mask_format)
 
         image = self._read_image(file_name)
         utils.check_image_size(dataset_dict, image)
@@ -181,26 +196,22 @@ class YolactDatasetMapper:
 
         gt_annos = [obj for obj in annos if not obj.get("iscrowd", 0)]
         crowd_annos = [obj for obj in annos if obj.get("iscrowd", 0)]
-        boxes = None
-        if gt_annos:
-            boxes = np.stack(
-                [BoxMode.convert(o["bbox"], o["bbox_mode"], BoxMode.XYXY_ABS) for o in gt_annos]
-            ).astype(np.float32)
-        aug_input = T.AugInput(image, boxes=boxes, sem_seg=None)
+        gt_boxes, crowd_boxes = _xyxy(gt_annos), _xyxy(crowd_annos)
+        aug_input = T.AugInput(image, boxes=gt_boxes if len(gt_boxes) else None, sem_seg=None)
         transforms = self.augmentations(aug_input)
         image = aug_input.image
         image_shape = image.shape[:2]  # h, w
 
         if self.drop_outside_centers:
-            keep = self._center_inside(gt_annos, transforms, image_shape)
+            keep = self._center_inside(gt_boxes, transforms, image_shape)
             gt_annos = [o for o, k in zip(gt_annos, keep) if k]
-            keep = self._center_inside(crowd_annos, transforms, image_shape)
-            crowd_annos = [o for o, k in zip(crowd_annos, keep) if k]
+            keep = self._center_inside(crowd_boxes, transforms, image_shape)
+            crowd_boxes = crowd_boxes[keep]
 
         instances = self._build_instances(gt_annos, transforms, image_shape)
         dataset_dict["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
         dataset_dict["instances"] = instances
-        dataset_dict["crowd_boxes"] = self._crowd_boxes(crowd_annos, transforms, image_shape)
+        dataset_dict["crowd_boxes"] = self._crowd_boxes(crowd_boxes, transforms, image_shape)
         return dataset_dict
 
     def _build_instances(self, annos: List[dict], transforms, image_shape):
@@ -235,12 +246,10 @@ class YolactDatasetMapper:
         instances = utils.filter_empty_instances(instances)
         return instances[self._size_keep(instances.gt_boxes.tensor)]
 
-    def _crowd_boxes(self, annos: List[dict], transforms, image_shape) -> Boxes:
-        if not annos:
+    def _crowd_boxes(self, boxes: np.ndarray, transforms, image_shape) -> Boxes:
+        # (K, 4) XYXY boxes of the input image -> Boxes of the augmented image, filtered.
+        if len(boxes) == 0:
             return Boxes(torch.zeros((0, 4), dtype=torch.float32))
-        boxes = np.stack(
-            [BoxMode.convert(o["bbox"], o["bbox_mode"], BoxMode.XYXY_ABS) for o in annos]
-        ).astype(np.float32)
         boxes = Boxes(torch.as_tensor(transforms.apply_box(boxes), dtype=torch.float32))
         boxes.clip(image_shape)
         keep = boxes.nonempty() & self._size_keep(boxes.tensor)
