@@ -18,11 +18,14 @@ from detectron2.config import get_cfg
 from detectron2.data import build_detection_train_loader, get_detection_dataset_dicts
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
 from detectron2.evaluation import verify_results
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 from yolact_d2 import add_yolact_config
 from yolact_d2.data import YolactDatasetMapper
 from yolact_d2.data.dataset_mapper import check_annotations
 from yolact_d2.data.datasets import register_builtin_datasets
+from yolact_d2.diagnostics import log_dataset_prior_coverage
 from yolact_d2.evaluation import YolactCOCOEvaluator
 
 
@@ -56,7 +59,11 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_train_loader(cls, cfg):
         dataset = checked_dataset_dicts(cfg, cfg.DATASETS.TRAIN)
-        mapper = YolactDatasetMapper(cfg, is_train=True) if cfg.MODEL.META_ARCHITECTURE == "YOLACT" else None
+        mapper = None
+        if cfg.MODEL.META_ARCHITECTURE == "YOLACT":
+            mapper = YolactDatasetMapper(cfg, is_train=True)
+            if cfg.MODEL.YOLACT.DIAGNOSTICS.ENABLED and comm.is_main_process():
+                log_dataset_prior_coverage(cfg, dataset, cfg.MODEL.YOLACT.DIAGNOSTICS.FORCED_ONLY_WARN)
         return build_detection_train_loader(cfg, dataset=dataset, mapper=mapper)
 
     @classmethod
@@ -78,6 +85,8 @@ def setup(args):
         cfg.MODEL.DEVICE = "cpu"
     cfg.freeze()
     default_setup(cfg, args)
+    # The plugin's own log lines (diagnostics, mapper) to the console and OUTPUT_DIR/log.txt.
+    setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="yolact_d2")
     register_builtin_datasets()
     return cfg
 

@@ -48,7 +48,6 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 COCO128_IMAGES = REPO_ROOT.parent / "shared" / "data" / "coco128" / "images"
@@ -376,7 +375,7 @@ def yolact_staged(model, images_bgr, adapter, clock: StageClock, capture: Option
     with clock("protonet"):
         prototypes = model.protonet(features[model.protonet_in_feature])
     with clock("box_decode"):
-        scores = F.softmax(class_logits, dim=-1)
+        scores = model.class_scores(class_logits)
         prior_boxes = priors_to_boxes(priors)
     results = []
     for i, x in enumerate(inputs):

@@ -29,11 +29,20 @@ class YolactFPN(Backbone):
     3x3 stride-2 convs (padding 1, no ReLU) on ReLU(P5) and on P6. No padding of the input to a
     multiple of 32, so a 550x550 input gives feature sizes 69, 35, 18, 9, 5.
 
+    Options beyond the original (defaults reproduce it): ``norm`` (a detectron2 ``get_norm`` name,
+    ``MODEL.FPN.NORM``) inside the lateral and output convs, which then have no bias, as
+    detectron2's FPN; ``output_relu=False`` drops the ReLU on P3-P5 (original
+    ``fpn.relu_pred_layers``). Both keep P3-P7 alive when training from scratch, where the plain
+    ReLUs die (docs/training.md).
+
     ``forward(x)`` takes normalised images (N, 3, H, W) and returns ``{"p3": (N, 256, H/8, W/8),
     ..., "p7": (N, 256, H/128, W/128)}`` (sizes rounded up by each stride-2 conv).
     """
 
-    def __init__(self, bottom_up: Backbone, in_features: List[str], out_channels: int = 256):
+    def __init__(
+        self, bottom_up: Backbone, in_features: List[str], out_channels: int = 256,
+        norm: str = "", output_relu: bool = True,
+    ):
         super().__init__()
         if len(in_features) != 3:
             raise ValueError(f"YolactFPN needs three bottom-up features (C3, C4, C5), got {in_features}")
@@ -41,8 +50,13 @@ class YolactFPN(Backbone):
         self.in_features = list(in_features)
         shapes = bottom_up.output_shape()
         for level, name in zip((3, 4, 5), self.in_features):
-            self.add_module(f"lateral_p{level}", Conv2d(shapes[name].channels, out_channels, 1))
-            self.add_module(f"output_p{level}", Conv2d(out_channels, out_channels, 3, padding=1))
+            self.add_module(f"lateral_p{level}", Conv2d(
+                shapes[name].channels, out_channels, 1, bias=not norm, norm=get_norm(norm, out_channels)
+            ))
+            self.add_module(f"output_p{level}", Conv2d(
+                out_channels, out_channels, 3, padding=1, bias=not norm, norm=get_norm(norm, out_channels)
+            ))
+        self.output_relu = output_relu
         self.p6 = Conv2d(out_channels, out_channels, 3, stride=2, padding=1)
         self.p7 = Conv2d(out_channels, out_channels, 3, stride=2, padding=1)
         base_stride = shapes[self.in_features[0]].stride
@@ -60,9 +74,9 @@ class YolactFPN(Backbone):
         p5 = self.lateral_p5(c5)
         p4 = self.lateral_p4(c4) + F.interpolate(p5, size=c4.shape[-2:], mode="bilinear", align_corners=False)
         p3 = self.lateral_p3(c3) + F.interpolate(p4, size=c3.shape[-2:], mode="bilinear", align_corners=False)
-        p3 = F.relu(self.output_p3(p3))
-        p4 = F.relu(self.output_p4(p4))
-        p5 = F.relu(self.output_p5(p5))
+        p3, p4, p5 = self.output_p3(p3), self.output_p4(p4), self.output_p5(p5)
+        if self.output_relu:
+            p3, p4, p5 = F.relu(p3), F.relu(p4), F.relu(p5)
         p6 = self.p6(p5)
         p7 = self.p7(p6)
         return {"p3": p3, "p4": p4, "p5": p5, "p6": p6, "p7": p7}
@@ -152,7 +166,11 @@ def build_yolact_resnet_fpn_backbone(cfg, input_shape: ShapeSpec) -> Backbone:
     """``MODEL.BACKBONE.NAME: "build_yolact_resnet_fpn_backbone"``: ResNet (C3-C5) + :class:`YolactFPN`.
 
     Reads ``MODEL.RESNETS.*`` (``OUT_FEATURES`` must list the three FPN inputs, e.g. res3-res5) and
-    ``MODEL.FPN.IN_FEATURES`` / ``MODEL.FPN.OUT_CHANNELS``.
+    ``MODEL.FPN.IN_FEATURES`` / ``MODEL.FPN.OUT_CHANNELS`` / ``MODEL.FPN.NORM`` and
+    ``MODEL.YOLACT.FPN_OUTPUT_RELU``.
     """
     bottom_up = build_yolact_resnet(cfg, input_shape)
-    return YolactFPN(bottom_up, cfg.MODEL.FPN.IN_FEATURES, cfg.MODEL.FPN.OUT_CHANNELS)
+    return YolactFPN(
+        bottom_up, cfg.MODEL.FPN.IN_FEATURES, cfg.MODEL.FPN.OUT_CHANNELS,
+        norm=cfg.MODEL.FPN.NORM, output_relu=cfg.MODEL.YOLACT.FPN_OUTPUT_RELU,
+    )

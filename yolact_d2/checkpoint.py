@@ -150,13 +150,20 @@ def upgrade_state_dict(module, state_dict, prefix, local_metadata, strict, missi
     (FrozenBN) are dropped, and every converted tensor is checked against the model's shape.
 
     Raises:
-        CheckpointLayoutError: a converted tensor whose shape differs from the model's, with the
-            likely cause (e.g. a YOLACT++ checkpoint into a YOLACT config, or another class count).
+        CheckpointLayoutError: an original checkpoint into a model built with a norm option
+            (``module.non_original_options``), naming the option; a converted tensor whose shape
+            differs from the model's, with the likely cause (e.g. a YOLACT++ checkpoint into a YOLACT config, or another class count).
     """
     own = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
     layout = detect_layout(own)
     if layout == "detectron2":
         return
+    if layout == "original" and getattr(module, "non_original_options", None):
+        opts = ", ".join(f"{k}={v!r}" for k, v in module.non_original_options.items())
+        raise CheckpointLayoutError(
+            f"an original YOLACT checkpoint has no parameters for {opts}: set it to '' to load it, "
+            "or train that model from scratch / from ImageNet weights"
+        )
     model_state = module.state_dict()
     if layout == "original":
         converted = convert_original_state_dict(own)  # C from the checkpoint: a mismatch is reported below

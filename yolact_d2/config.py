@@ -32,6 +32,20 @@ def add_yolact_config(cfg):
     # k, the number of prototype masks (paper Sec. 3.1).
     _C.MODEL.YOLACT.NUM_PROTOTYPES = 32
 
+    # Normalisation and activations of the YOLACT-specific layers. The published models have no
+    # norm outside the ResNet; MODEL.FPN.NORM (detectron2's key, default "") adds one to the FPN's
+    # lateral and output convs. A norm changes the parameters, so original checkpoints are refused.
+    # Norm of the prediction head's shared 3x3 conv: "" or "GN". The head runs on every level, so a
+    # BatchNorm there would mix the levels' statistics; only GroupNorm is allowed.
+    _C.MODEL.YOLACT.HEAD_NORM = ""
+    # Norm of the protonet's 3x3 convs (not its final 1x1): "" or any detectron2 get_norm name.
+    _C.MODEL.YOLACT.PROTONET_NORM = ""
+    # ReLU after the FPN's P3-P5 output convs (original fpn.relu_pred_layers). From scratch without
+    # a norm these ReLUs die and P3-P7 become constant (docs/training.md).
+    _C.MODEL.YOLACT.FPN_OUTPUT_RELU = True
+    # Activation of the prototypes (original mask_proto_prototype_activation): "relu" or "none".
+    _C.MODEL.YOLACT.PROTOTYPE_ACTIVATION = "relu"
+
     # Priors (anchors). One list of scales (pixels at INPUT_SIZE) per level; YOLACT++ uses three.
     _C.MODEL.YOLACT.ANCHOR_SCALES = [[24], [48], [96], [192], [384]]
     # Aspect ratios a = width / height, the same on every level: w = s*sqrt(a), h = s/sqrt(a).
@@ -63,8 +77,17 @@ def add_yolact_config(cfg):
     _C.MODEL.YOLACT.NEG_IOU_THRESH = 0.4
     # A non-positive prior covered by a crowd box over this fraction of its own area is ignored.
     _C.MODEL.YOLACT.CROWD_IOU_THRESH = 0.7
+    # Class loss: "ohem" (softmax cross-entropy, positives + NEG_POS_RATIO hard negatives each; the
+    # paper) or "sigmoid_focal" (original use_sigmoid_focal_loss: per-class sigmoid focal loss over
+    # every non-ignored prior, background logit unused; scores become sigmoids at inference).
+    _C.MODEL.YOLACT.CLASS_LOSS = "ohem"
     # Hard negatives per positive in the class loss (online hard-negative mining).
     _C.MODEL.YOLACT.NEG_POS_RATIO = 3
+    # Sigmoid focal loss (Lin et al. 2017): weight of positives (alpha, negatives 1 - alpha),
+    # focusing exponent gamma, and the foreground probability the class conv's biases start at.
+    _C.MODEL.YOLACT.FOCAL_LOSS_ALPHA = 0.25
+    _C.MODEL.YOLACT.FOCAL_LOSS_GAMMA = 2.0
+    _C.MODEL.YOLACT.FOCAL_LOSS_PRIOR_PROB = 0.01
     _C.MODEL.YOLACT.CLASS_LOSS_WEIGHT = 1.0
     _C.MODEL.YOLACT.BOX_LOSS_WEIGHT = 1.5
     _C.MODEL.YOLACT.MASK_LOSS_WEIGHT = 6.125
@@ -82,6 +105,19 @@ def add_yolact_config(cfg):
     # YOLACT++ deformable convs: stages come from MODEL.RESNETS.DEFORM_ON_PER_STAGE; inside a
     # deformable stage, block i is deformable when i % DEFORM_INTERVAL == 0 (3 for R-101).
     _C.MODEL.YOLACT.DEFORM_INTERVAL = 1
+
+    # Live training diagnostics (yolact_d2/diagnostics.py): dead channels of P3-P7 and of the
+    # prototypes, positives per object, forced-only matches, foreground probability on positives,
+    # written to the EventStorage every iteration, computed from tensors the step has anyway.
+    _C.MODEL.YOLACT.DIAGNOSTICS = CN()
+    _C.MODEL.YOLACT.DIAGNOSTICS.ENABLED = True
+    # Iterations averaged before a warning can fire (once per run and kind).
+    _C.MODEL.YOLACT.DIAGNOSTICS.WARN_WINDOW = 20
+    # Warn when a level's or the prototypes' share of dead channels passes this.
+    _C.MODEL.YOLACT.DIAGNOSTICS.DEAD_SHARE_WARN = 0.5
+    # Warn when this share of objects has no prior at IoU >= POS_IOU_THRESH (in training batches,
+    # and over the training set before the first iteration).
+    _C.MODEL.YOLACT.DIAGNOSTICS.FORCED_ONLY_WARN = 0.5
 
     # SSD-style training augmentation (original utils/augmentations.py SSDAugmentation).
     _C.INPUT.SSD = CN()

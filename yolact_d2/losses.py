@@ -3,7 +3,9 @@
 Per image, priors are matched to ground truth; then over the batch, normalised by the number of
 positive priors N_pos:
 
-- ``loss_cls``: softmax cross-entropy over positives and 3:1 online hard negatives;
+- ``loss_cls``: softmax cross-entropy over positives and 3:1 online hard negatives, or with
+  ``CLASS_LOSS: "sigmoid_focal"`` (original ``use_sigmoid_focal_loss``) the sigmoid focal loss
+  over every non-ignored prior (see :func:`sigmoid_focal_class_loss`);
 - ``loss_box_reg``: 1.5 x smooth-L1 of SSD-coded boxes of positives;
 - ``loss_mask``: 6.125 x BCE of assembled masks, cropped to the matched ground-truth box and
   normalised by that box's area on the prototype grid;
@@ -19,12 +21,12 @@ import torch
 import torch.nn.functional as F
 
 from detectron2.structures import BitMasks, Boxes, Instances, PolygonMasks
-from torchvision.ops import box_iou
+from torchvision.ops import box_iou, sigmoid_focal_loss
 
 from .mask_assembly import assemble_masks, crop_masks
 from .priors import build_box_coder, priors_to_boxes
 
-__all__ = ["YolactLoss", "match_priors", "gt_masks_as_tensor"]
+__all__ = ["YolactLoss", "match_priors", "gt_masks_as_tensor", "sigmoid_focal_class_loss"]
 
 
 def match_priors(
@@ -36,6 +38,7 @@ def match_priors(
     pos_thresh: float = 0.5,
     neg_thresh: float = 0.4,
     crowd_thresh: float = 0.7,
+    return_gt_best_iou: bool = False,
 ):
     """Assign every prior a ground truth and a label (original ``match``).
 
@@ -48,14 +51,18 @@ def match_priors(
         prior a ground truth claimed), C for background (IoU < neg_thresh), -1 for ignored
         (in between, or a non-positive prior covered by a crowd box over ``crowd_thresh`` of its
         own area); matched = index of the prior's ground truth (0 when G = 0).
+        With ``return_gt_best_iou`` also (G,) the best IoU of each ground truth with any prior
+        (below ``pos_thresh``: its only positive is the prior it claims; for the diagnostics).
     """
     num_priors = prior_boxes.shape[0]
     device = prior_boxes.device
     if gt_boxes.shape[0] == 0:
         labels = torch.full((num_priors,), num_classes, dtype=torch.long, device=device)
         matched = torch.zeros(num_priors, dtype=torch.long, device=device)
+        gt_best_iou = prior_boxes.new_zeros((0,))
     else:
         overlaps = box_iou(gt_boxes, prior_boxes)  # (G, A)
+        gt_best_iou = overlaps.max(dim=1).values
         best_overlap, matched = overlaps.max(dim=0)
         # Every ground truth claims a prior, greedily by highest remaining IoU, so none goes unused.
         for _ in range(gt_boxes.shape[0]):
@@ -76,7 +83,33 @@ def match_priors(
         prior_area = (prior_boxes[:, 2] - prior_boxes[:, 0]) * (prior_boxes[:, 3] - prior_boxes[:, 1])
         covered = (inter / prior_area).max(dim=0).values > crowd_thresh
         labels[((labels == num_classes) | (labels < 0)) & covered] = -1
+    if return_gt_best_iou:
+        return labels, matched, gt_best_iou
     return labels, matched
+
+
+def sigmoid_focal_class_loss(
+    logits: torch.Tensor, labels: torch.Tensor, num_classes: int, alpha: float = 0.25, gamma: float = 2.0
+) -> torch.Tensor:
+    """Summed sigmoid focal loss of the original's ``focal_conf_sigmoid_loss`` (not normalised).
+
+    Every prior with label >= 0 counts; ignored priors (label -1) do not. On the C foreground
+    logits only (the background logit is unused), with one-hot targets for positives and all-zero
+    targets for background (label C): per prior and class, with p = sigmoid(x),
+    ``-alpha_t (1 - p_t)^gamma log(p_t)``, p_t = p and alpha_t = alpha for a target 1, p_t = 1 - p
+    and alpha_t = 1 - alpha for a target 0 (Lin et al., ICCV 2017; torchvision's
+    ``sigmoid_focal_loss``).
+
+    Args:
+        logits: (..., C + 1) class logits, background last.
+        labels: (...) int64 in {-1, 0..C}: ignored, foreground class, background.
+    Returns:
+        scalar, the sum over priors and classes.
+    """
+    valid = labels >= 0
+    x = logits[valid][:, :num_classes]
+    targets = F.one_hot(labels[valid], num_classes + 1)[:, :num_classes].to(x.dtype)
+    return sigmoid_focal_loss(x, targets, alpha=alpha, gamma=gamma, reduction="sum")
 
 
 def gt_masks_as_tensor(instances: Instances) -> torch.Tensor:
@@ -118,6 +151,8 @@ class YolactLoss:
         self.num_classes = y.NUM_CLASSES
         self.pos_thresh, self.neg_thresh, self.crowd_thresh = y.POS_IOU_THRESH, y.NEG_IOU_THRESH, y.CROWD_IOU_THRESH
         self.neg_pos_ratio = y.NEG_POS_RATIO
+        self.class_loss = y.CLASS_LOSS
+        self.focal_alpha, self.focal_gamma = y.FOCAL_LOSS_ALPHA, y.FOCAL_LOSS_GAMMA
         self.class_weight, self.box_weight = y.CLASS_LOSS_WEIGHT, y.BOX_LOSS_WEIGHT
         self.mask_weight, self.sem_seg_weight = y.MASK_LOSS_WEIGHT, y.SEM_SEG_LOSS_WEIGHT
         self.masks_to_train = y.MASKS_TO_TRAIN
@@ -132,6 +167,7 @@ class YolactLoss:
         gt_instances: List[Instances],
         crowd_boxes: List[Optional[Boxes]],
         mask_rescoring=None,
+        stats: Optional[Dict[str, torch.Tensor]] = None,
     ) -> Dict[str, torch.Tensor]:
         """Losses of one batch.
 
@@ -144,6 +180,11 @@ class YolactLoss:
                 ``gt_classes`` in [0, C), ``gt_masks`` at the image size.
             crowd_boxes: per image, crowd ``Boxes`` in pixels, or None.
             mask_rescoring: the YOLACT++ re-scoring net (masks (P, 1, h, w) -> IoU (P, C)) or None.
+            stats: a dict to fill with the matching's statistics (0-dim tensors, no gradient) for
+                :class:`~yolact_d2.diagnostics.TrainingDiagnostics`: ``num_objects``,
+                ``num_positive`` (positive priors), ``forced_only`` (objects with no prior at
+                IoU >= POS_IOU_THRESH) and ``fg_prob_pos`` (mean ground-truth class probability
+                on positives, NaN without any).
         Returns:
             ``loss_cls``, ``loss_box_reg``, ``loss_mask``, ``loss_sem_seg`` (+ ``loss_mask_iou``),
             scalars. When the batch has no positive prior they are normalised by 1, not 0.
@@ -155,14 +196,17 @@ class YolactLoss:
         proto_h, proto_w = protos.shape[1:3]
 
         labels, box_targets, matched_boxes, gt_masks_proto, matched_idx, sem_targets = [], [], [], [], [], []
+        gt_best_iou = []
         for i, inst in enumerate(gt_instances):
             h, w = inst.image_size
             scale = torch.tensor([w, h, w, h], dtype=torch.float32, device=logits.device)
             gt = inst.gt_boxes.tensor / scale
             crowd = crowd_boxes[i].tensor.to(logits.device) / scale if crowd_boxes[i] is not None else None
-            lab, idx = match_priors(
-                prior_boxes, gt, inst.gt_classes, crowd, c, self.pos_thresh, self.neg_thresh, self.crowd_thresh
+            lab, idx, best = match_priors(
+                prior_boxes, gt, inst.gt_classes, crowd, c, self.pos_thresh, self.neg_thresh, self.crowd_thresh,
+                return_gt_best_iou=True,
             )
+            gt_best_iou.append(best)
             labels.append(lab)
             matched_idx.append(idx)
             mb = gt[idx] if len(gt) else prior_boxes
@@ -179,6 +223,18 @@ class YolactLoss:
         pos = (labels >= 0) & (labels < c)
         num_pos = pos.sum()
         norm = num_pos.clamp(min=1).float()
+        if stats is not None:
+            with torch.no_grad():
+                best = torch.cat(gt_best_iou)
+                stats["num_objects"] = best.new_tensor(best.numel())
+                stats["num_positive"] = num_pos
+                stats["forced_only"] = (best < self.pos_thresh).sum()
+                if num_pos > 0:
+                    pos_logits = logits[pos].float()
+                    probs = torch.sigmoid(pos_logits) if self.class_loss == "sigmoid_focal" else pos_logits.softmax(-1)
+                    stats["fg_prob_pos"] = probs.gather(1, labels[pos][:, None]).mean()
+                else:
+                    stats["fg_prob_pos"] = logits.new_tensor(float("nan"))
 
         losses = {}
         # Box regression on positives.
@@ -187,17 +243,20 @@ class YolactLoss:
             deltas[pos], box_targets[pos], beta=1.0, reduction="sum"
         ) / norm
 
-        # Classification with online hard-negative mining, per image, ranked by background loss.
-        with torch.no_grad():
-            bg_loss = torch.logsumexp(logits, dim=-1) - logits[..., c]
-            bg_loss[pos | (labels < 0)] = 0
-            rank = bg_loss.sort(dim=1, descending=True)[1].sort(dim=1)[1]
-            num_neg = (self.neg_pos_ratio * pos.sum(dim=1, keepdim=True)).clamp(max=num_priors - 1)
-            neg = (rank < num_neg) & ~pos & (labels >= 0)
-        selected = pos | neg
-        losses["loss_cls"] = self.class_weight * F.cross_entropy(
-            logits[selected], labels[selected], reduction="sum"
-        ) / norm
+        if self.class_loss == "sigmoid_focal":
+            loss_cls = sigmoid_focal_class_loss(logits, labels, c, self.focal_alpha, self.focal_gamma)
+        else:
+            # Softmax cross-entropy with online hard-negative mining, per image, ranked by
+            # background loss.
+            with torch.no_grad():
+                bg_loss = torch.logsumexp(logits, dim=-1) - logits[..., c]
+                bg_loss[pos | (labels < 0)] = 0
+                rank = bg_loss.sort(dim=1, descending=True)[1].sort(dim=1)[1]
+                num_neg = (self.neg_pos_ratio * pos.sum(dim=1, keepdim=True)).clamp(max=num_priors - 1)
+                neg = (rank < num_neg) & ~pos & (labels >= 0)
+            selected = pos | neg
+            loss_cls = F.cross_entropy(logits[selected], labels[selected], reduction="sum")
+        losses["loss_cls"] = self.class_weight * loss_cls / norm
 
         # Masks: sigmoid(P C^T) cropped to the matched ground-truth box, BCE / box area.
         loss_mask = logits.new_zeros(())

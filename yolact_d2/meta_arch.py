@@ -10,6 +10,7 @@ from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
 from detectron2.structures import Boxes, Instances
 
 from .checkpoint import upgrade_state_dict
+from .diagnostics import TrainingDiagnostics
 from .fast_nms import multiclass_nms
 from .head import YolactHead
 from .losses import YolactLoss
@@ -76,10 +77,25 @@ class YOLACT(nn.Module):
             raise ValueError(
                 f"MODEL.YOLACT.ANCHOR_SCALES has {len(y.ANCHOR_SCALES)} levels, IN_FEATURES {len(self.in_features)}"
             )
+        if y.CLASS_LOSS not in ("ohem", "sigmoid_focal"):
+            raise ValueError(f"MODEL.YOLACT.CLASS_LOSS is {y.CLASS_LOSS!r}; use 'ohem' or 'sigmoid_focal'")
+        self.class_loss = y.CLASS_LOSS
         self.head = YolactHead(
-            channels, self.prior_generator.num_priors_per_location, self.num_classes, y.NUM_PROTOTYPES
+            channels, self.prior_generator.num_priors_per_location, self.num_classes, y.NUM_PROTOTYPES,
+            norm=y.HEAD_NORM,
         )
-        self.protonet = ProtoNet(shapes[self.protonet_in_feature].channels, y.NUM_PROTOTYPES)
+        self.protonet = ProtoNet(
+            shapes[self.protonet_in_feature].channels, y.NUM_PROTOTYPES,
+            norm=y.PROTONET_NORM, prototype_activation=y.PROTOTYPE_ACTIVATION,
+        )
+        # Options that add parameters the published models lack: an original checkpoint is refused.
+        self.non_original_options = {
+            k: v for k, v in (
+                ("MODEL.FPN.NORM", cfg.MODEL.FPN.NORM),
+                ("MODEL.YOLACT.HEAD_NORM", y.HEAD_NORM),
+                ("MODEL.YOLACT.PROTONET_NORM", y.PROTONET_NORM),
+            ) if v
+        }
         # Auxiliary semantic segmentation on P3 (paper Sec. 3.5), used by the training loss only.
         self.sem_seg_head = nn.Conv2d(shapes[self.protonet_in_feature].channels, self.num_classes, 1)
         self.box_coder = build_box_coder(y.BBOX_REG_WEIGHTS)
@@ -87,12 +103,18 @@ class YOLACT(nn.Module):
         if y.MASK_RESCORING.ENABLED:
             self.mask_rescoring = FastMaskIoUNet(self.num_classes)
         self._init_weights()
+        if self.class_loss == "sigmoid_focal":
+            self.head.init_focal_bias(y.FOCAL_LOSS_PRIOR_PROB)
 
         if len(cfg.MODEL.PIXEL_MEAN) != len(cfg.MODEL.PIXEL_STD):
             raise ValueError("MODEL.PIXEL_MEAN and MODEL.PIXEL_STD must have the same length")
         self.register_buffer("pixel_mean", torch.tensor(cfg.MODEL.PIXEL_MEAN).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(cfg.MODEL.PIXEL_STD).view(-1, 1, 1), False)
         self.criterion = YolactLoss(cfg)
+        d = y.DIAGNOSTICS
+        self.diagnostics = (
+            TrainingDiagnostics(d.WARN_WINDOW, d.DEAD_SHARE_WARN, d.FORCED_ONLY_WARN) if d.ENABLED else None
+        )
         self.register_load_state_dict_pre_hook(upgrade_state_dict)
         self.compile_mode = y.COMPILE
         self._compiled = None
@@ -144,7 +166,8 @@ class YOLACT(nn.Module):
         box_deltas, class_logits, mask_coeffs = self.head(level_features)
         proto_features = features[self.protonet_in_feature]
         sizes = [f.shape[-2:] for f in level_features]
-        return box_deltas, class_logits, mask_coeffs, self.protonet(proto_features), proto_features, sizes
+        return (box_deltas, class_logits, mask_coeffs, self.protonet(proto_features), proto_features, sizes,
+                level_features)
 
     def _forward_network(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
         network = self._network
@@ -152,8 +175,9 @@ class YOLACT(nn.Module):
             if self._compiled is None:
                 self._compiled = torch.compile(self._network, mode=self.compile_mode)
             network = self._compiled
-        box_deltas, class_logits, mask_coeffs, prototypes, proto_features, sizes = network(images)
+        box_deltas, class_logits, mask_coeffs, prototypes, proto_features, sizes, level_features = network(images)
         return {
+            "level_features": dict(zip(self.in_features, level_features)),
             "box_deltas": box_deltas,
             "class_logits": class_logits,
             "mask_coeffs": mask_coeffs,
@@ -162,6 +186,20 @@ class YOLACT(nn.Module):
             "proto_features": proto_features,
         }
 
+    def class_scores(self, class_logits: torch.Tensor) -> torch.Tensor:
+        """Class confidences from the head's logits, the one place scores are made.
+
+        Args:
+            class_logits: (..., C + 1) logits, background last.
+        Returns:
+            (..., C + 1) in [0, 1]. ``CLASS_LOSS`` "ohem": softmax over the C + 1 classes (the
+            paper). "sigmoid_focal": an independent sigmoid per class, as the original with
+            ``use_sigmoid_focal_loss``; the background column is then untrained and unused.
+        """
+        if self.class_loss == "sigmoid_focal":
+            return torch.sigmoid(class_logits)
+        return F.softmax(class_logits, dim=-1)
+
     def forward_raw(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
         """The network's outputs before detection.
 
@@ -169,14 +207,15 @@ class YOLACT(nn.Module):
             images: (N, 3, H, W) normalised float images (550 x 550 for the published models).
         Returns:
             dict with ``box_deltas`` (N, A, 4) SSD-coded (variances 0.1, 0.2); ``class_scores``
-            (N, A, C + 1) softmax, background LAST; ``mask_coeffs`` (N, A, k) in [-1, 1];
+            (N, A, C + 1) from :meth:`class_scores` (softmax, or sigmoid with the focal loss),
+            background LAST; ``mask_coeffs`` (N, A, k) in [-1, 1];
             ``priors`` (A, 4) (cx, cy, w, h) relative to the input; ``prototypes`` (N, h, w, k)
             (138 x 138 x 32 at 550). A = 19248 for v1 at 550, 57744 for YOLACT++.
         """
         out = self._forward_network(images)
         return {
             "box_deltas": out["box_deltas"],
-            "class_scores": F.softmax(out["class_logits"], dim=-1),
+            "class_scores": self.class_scores(out["class_logits"]),
             "mask_coeffs": out["mask_coeffs"],
             "priors": out["priors"],
             "prototypes": out["prototypes"],
@@ -184,7 +223,9 @@ class YOLACT(nn.Module):
 
     def forward(self, batched_inputs: List[Dict]):
         """Training: a dict of losses (``loss_cls``, ``loss_box_reg``, ``loss_mask``,
-        ``loss_sem_seg``, and ``loss_mask_iou`` with re-scoring). Inference: see :meth:`inference`."""
+        ``loss_sem_seg``, and ``loss_mask_iou`` with re-scoring); with MODEL.YOLACT.DIAGNOSTICS
+        on, the step's diagnostics go to the event storage (:mod:`yolact_d2.diagnostics`).
+        Inference: see :meth:`inference`."""
         if not self.training:
             return self.inference(batched_inputs)
         images = self.preprocess_image(batched_inputs)
@@ -194,7 +235,11 @@ class YOLACT(nn.Module):
         crowd_boxes = [x.get("crowd_boxes") for x in batched_inputs]
         out = self._forward_network(images)
         sem_seg_logits = self.sem_seg_head(out["proto_features"])
-        return self.criterion(out, sem_seg_logits, gt_instances, crowd_boxes, self.mask_rescoring)
+        stats = {} if self.diagnostics is not None else None
+        losses = self.criterion(out, sem_seg_logits, gt_instances, crowd_boxes, self.mask_rescoring, stats=stats)
+        if stats:  # empty when a replaced criterion ignores it
+            self.diagnostics(out["level_features"], out["prototypes"], stats)
+        return losses
 
     # ------------------------------------------------------------------ inference
     @torch.inference_mode()
@@ -202,7 +247,7 @@ class YOLACT(nn.Module):
         """Detections per image: ``[{"instances": Instances}]`` (see the class docstring)."""
         images = self.preprocess_image(batched_inputs)
         out = self._forward_network(images)
-        scores = F.softmax(out["class_logits"], dim=-1)
+        scores = self.class_scores(out["class_logits"])
         prior_boxes = priors_to_boxes(out["priors"])
         results = []
         for i, x in enumerate(batched_inputs):
@@ -225,7 +270,7 @@ class YOLACT(nn.Module):
         """Detections of one image from its raw outputs (original ``Detect`` + ``postprocess``).
 
         Args:
-            box_deltas: (A, 4); class_scores: (A, C + 1) softmax, background last;
+            box_deltas: (A, 4); class_scores: (A, C + 1) from :meth:`class_scores`, background last;
             mask_coeffs: (A, k); prototypes: (h, w, k); prior_boxes: (A, 4) relative (x0, y0, x1, y1).
             height, width: output image size in pixels.
             clock: optional ``clock(stage_name)`` context-manager factory; tools/benchmark.py
