@@ -4,6 +4,8 @@
     python train_net.py --config-file configs/yolact_R_50_FPN_550.yaml --num-gpus 8
     python train_net.py --config-file configs/yolact_R_50_FPN_550.yaml --eval-only MODEL.WEIGHTS model.pth
     python train_net.py --config-file configs/pennfudan/mask_rcnn_R_50_FPN.yaml   # Mask R-CNN, same tool
+    python train_net.py --config-file configs/Base-YOLACT-SmallData.yaml \
+        --train-json my/train.json --train-images my/images --val-json my/val.json --val-images my/images
 
 Everything but the YOLACT data mapper and evaluator comes from detectron2's DefaultTrainer:
 LR schedule, checkpointing (--resume), TensorBoard/metrics.json writers, DDP through launch().
@@ -15,7 +17,7 @@ import torch
 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
-from detectron2.data import build_detection_train_loader, get_detection_dataset_dicts
+from detectron2.data import MetadataCatalog, build_detection_train_loader, get_detection_dataset_dicts
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
@@ -23,7 +25,8 @@ from detectron2.utils.logger import setup_logger
 
 from yolact_d2 import add_yolact_config
 from yolact_d2.data import YolactDatasetMapper
-from yolact_d2.data.dataset_mapper import check_annotations
+from yolact_d2.data.custom import apply_coco_json_datasets
+from yolact_d2.data.dataset_mapper import check_annotations, check_dataset_classes
 from yolact_d2.data.datasets import register_builtin_datasets
 from yolact_d2.diagnostics import log_dataset_prior_coverage
 from yolact_d2.evaluation import YolactCOCOEvaluator
@@ -35,7 +38,9 @@ def checked_dataset_dicts(cfg, names):
     Raises:
         KeyError: an unregistered dataset name (detectron2's message lists the registered ones).
         FileNotFoundError: an image listed in the annotations but absent, named.
-        ValueError: masks the mask format cannot hold (``check_annotations``), naming the image.
+        ValueError: masks the mask format cannot hold (``check_annotations``), or a class count
+            or class id that does not fit the model's NUM_CLASSES (``check_dataset_classes``),
+            naming the image.
     """
     dicts = get_detection_dataset_dicts(
         names, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS, min_keypoints=0, proposal_files=None
@@ -49,6 +54,11 @@ def checked_dataset_dicts(cfg, names):
     if cfg.MODEL.MASK_ON:
         for d in dicts:
             check_annotations(d.get("annotations", []), d["file_name"], cfg.INPUT.MASK_FORMAT)
+    yolact = cfg.MODEL.META_ARCHITECTURE == "YOLACT"
+    key = "MODEL.YOLACT.NUM_CLASSES" if yolact else "MODEL.ROI_HEADS.NUM_CLASSES"
+    num_classes = cfg.MODEL.YOLACT.NUM_CLASSES if yolact else cfg.MODEL.ROI_HEADS.NUM_CLASSES
+    thing_classes = MetadataCatalog.get(names[0]).get("thing_classes", None)
+    check_dataset_classes(dicts, names, thing_classes, num_classes, key)
     return dicts
 
 
@@ -80,13 +90,21 @@ def setup(args):
     except (KeyError, AssertionError, ValueError) as e:  # yacs: unknown key, bad value or type
         msg = e.args[0] if e.args else str(e)
         raise SystemExit(f"error: config {args.config_file} / opts: {msg}") from None
+    for flag, key in (("train_json", "TRAIN_JSON"), ("train_images", "TRAIN_IMAGES"),
+                      ("val_json", "TEST_JSON"), ("val_images", "TEST_IMAGES")):
+        if getattr(args, flag, None):
+            setattr(cfg.DATASETS, key, getattr(args, flag))
+    # The plugin's own log lines (dataset set-up, diagnostics) to the console and OUTPUT_DIR/log.txt.
+    setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="yolact_d2")
+    try:
+        apply_coco_json_datasets(cfg)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         logging.getLogger("detectron2").warning("CUDA is not available: running on the CPU")
         cfg.MODEL.DEVICE = "cpu"
     cfg.freeze()
     default_setup(cfg, args)
-    # The plugin's own log lines (diagnostics, mapper) to the console and OUTPUT_DIR/log.txt.
-    setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="yolact_d2")
     register_builtin_datasets()
     return cfg
 
@@ -115,8 +133,18 @@ def main(args):
     return trainer.train()
 
 
+def argument_parser():
+    """detectron2's ``default_argument_parser`` plus the files of a COCO-format dataset."""
+    parser = default_argument_parser()
+    parser.add_argument("--train-json", help="COCO instances JSON to train on (sets DATASETS.TRAIN_JSON)")
+    parser.add_argument("--train-images", help="its image folder (DATASETS.TRAIN_IMAGES)")
+    parser.add_argument("--val-json", help="COCO instances JSON to evaluate on (DATASETS.TEST_JSON)")
+    parser.add_argument("--val-images", help="its image folder (DATASETS.TEST_IMAGES)")
+    return parser
+
+
 if __name__ == "__main__":
-    args = default_argument_parser().parse_args()
+    args = argument_parser().parse_args()
     launch(
         main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
         dist_url=args.dist_url, args=(args,),

@@ -111,6 +111,13 @@ def setup_cfg(path, opts):
         ) from None
     except (ValueError, AssertionError) as e:
         raise DemoError(f"--opts: {_line(e)}") from None
+    # A config saved by train_net.py for a COCO-JSON dataset: register it again for its class names.
+    from yolact_d2.data.custom import apply_coco_json_datasets
+
+    try:
+        apply_coco_json_datasets(cfg)
+    except (FileNotFoundError, ValueError) as e:
+        raise DemoError(_line(e)) from None
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         raise DemoError(
             f"MODEL.DEVICE is {cfg.MODEL.DEVICE!r} but no CUDA GPU is available; pass --opts MODEL.DEVICE cpu"

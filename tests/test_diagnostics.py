@@ -21,16 +21,9 @@ from yolact_d2.priors import make_priors
 
 CLASSES = ["person", "chair", "diningtable", "bottle"]
 PAPER = "configs/cpu/yolact_R_18_FPN_320_fit.yaml"  # the paper's options at R-18 / 320, 4 classes
-# The recipe's options (configs/Base-YOLACT-SmallData.yaml) on the same model.
-RECIPE_OPTS = [
-    "MODEL.FPN.NORM", "GN", "MODEL.YOLACT.HEAD_NORM", "GN", "MODEL.YOLACT.PROTONET_NORM", "GN",
-    "MODEL.YOLACT.PROTOTYPE_ACTIVATION", "none", "MODEL.YOLACT.SQUARE_ANCHORS", "False",
-    "MODEL.YOLACT.ANCHOR_SCALES",
-    "[[13.96, 17.59, 22.17], [27.93, 35.19, 44.33], [55.85, 70.37, 88.66], [111.71, 140.74, 177.33], "
-    "[223.42, 281.49, 354.65]]",
-    "MODEL.YOLACT.POS_IOU_THRESH", "0.4", "MODEL.YOLACT.NEG_IOU_THRESH", "0.3",
-    "MODEL.YOLACT.CLASS_LOSS", "sigmoid_focal",
-]
+# The shipped recipe (configs/Base-YOLACT-SmallData.yaml) on the same R-18 / 320 model, 4 classes.
+RECIPE = "configs/pennfudan/yolact_R_18_FPN_320.yaml"
+RECIPE_4 = ["MODEL.YOLACT.NUM_CLASSES", "4"]
 WINDOW = ["MODEL.YOLACT.DIAGNOSTICS.WARN_WINDOW", "2"]
 
 
@@ -47,9 +40,9 @@ def batch(tmp_path_factory):
     return [mapper(dicts[0]), mapper(dicts[0])]
 
 
-def _model(opts):
+def _model(opts, config=PAPER):
     torch.manual_seed(0)
-    return build_model(yolact_cfg(PAPER, opts)).train()
+    return build_model(yolact_cfg(config, opts)).train()
 
 
 def _steps(model, batch, n):
@@ -73,7 +66,7 @@ def test_dead_channel_share_definition():
 
 
 def test_healthy_model_reports_nothing_dead_and_does_not_warn(batch, caplog):
-    model = _model(RECIPE_OPTS + WINDOW)
+    model = _model(RECIPE_4 + WINDOW, RECIPE)
     with caplog.at_level(logging.WARNING, logger="yolact_d2.diagnostics"):
         storage = _steps(model, batch, 3)
     latest = {k: v for k, (v, _) in storage.latest().items() if k.startswith("[metric]")}
@@ -99,7 +92,7 @@ def test_a_dead_fpn_level_is_reported_and_warns_once(batch, caplog):
 
 
 def test_constant_p6_p7_are_reported_dead(batch):
-    model = _model(RECIPE_OPTS)
+    model = _model(RECIPE_4, RECIPE)
     with torch.no_grad():
         for conv in (model.backbone.p6, model.backbone.p7):
             conv.weight.zero_()

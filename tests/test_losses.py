@@ -133,3 +133,11 @@ def test_mask_iou_loss_follows_the_original_semantics():
         expected = 25 * F.smooth_l1_loss(pred, target, reduction="sum") / len(pos)
     assert expected > 0
     assert abs(losses["loss_mask_iou"].item() - expected.item()) / expected.item() <= 1e-4
+
+    # Two images whose positives together exceed MASKS_TO_TRAIN (each alone does not): the original
+    # has no cap over the batch (maskious_to_train = -1), so every mask counts and the loss is the
+    # same as for one image (sums and N_pos both double).
+    model.criterion.masks_to_train = len(pos) + 1
+    assert int(keep.sum()) * 2 > model.criterion.masks_to_train
+    pair = model([sample, sample])
+    assert abs(pair["loss_mask_iou"].item() - expected.item()) / expected.item() <= 1e-4

@@ -61,7 +61,9 @@ def main(argv=None):
         tiles.append(cv2.resize(tile, (int(round(tile.shape[1] * scale)), args.tile_height)))
     grid = np.concatenate(tiles, axis=1)[:, :, ::-1].copy()
     title = args.title if args.title is not None else Path(args.config_file).stem
-    cv2.putText(grid, title, (6, 20), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (255, 255, 255), 2, cv2.LINE_AA)
+    (tw, th), _ = cv2.getTextSize(title, cv2.FONT_HERSHEY_SIMPLEX, 0.6, 2)
+    cv2.rectangle(grid, (0, 0), (tw + 12, th + 14), (0, 0, 0), -1)  # dark band: readable on any photo
+    cv2.putText(grid, title, (6, th + 6), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (255, 255, 255), 2, cv2.LINE_AA)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     cv2.imwrite(args.output, grid)
     print(f"wrote {args.output} ({len(tiles)} photos of {dataset}, score > {args.score_thresh})")

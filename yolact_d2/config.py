@@ -7,7 +7,8 @@ from detectron2.config import CfgNode as CN
 
 
 def add_yolact_config(cfg):
-    """Add the ``MODEL.YOLACT`` and ``INPUT.SSD`` nodes (and a few related keys) to ``cfg`` in place.
+    """Add the ``MODEL.YOLACT`` and ``INPUT.SSD`` nodes (and a few related keys, e.g. the
+    ``DATASETS.*_JSON`` / ``*_IMAGES`` of a user's COCO-format data) to ``cfg`` in place.
 
     Call it once, before ``merge_from_file``; a YAML key that is not defined here or by detectron2
     makes ``merge_from_file`` raise ``KeyError`` ("Non-existent config key").
@@ -118,6 +119,15 @@ def add_yolact_config(cfg):
     # Warn when this share of objects has no prior at IoU >= POS_IOU_THRESH (in training batches,
     # and over the training set before the first iteration).
     _C.MODEL.YOLACT.DIAGNOSTICS.FORCED_ONLY_WARN = 0.5
+
+    # Your own COCO-format dataset without Python (yolact_d2/data/custom.py; train_net.py's
+    # --train-json/--train-images/--val-json/--val-images set these): the JSON and its image
+    # folder. When set, DATASETS.TRAIN / TEST, NUM_CLASSES, the class names and INPUT.MASK_FORMAT
+    # come from the files.
+    _C.DATASETS.TRAIN_JSON = ""
+    _C.DATASETS.TRAIN_IMAGES = ""
+    _C.DATASETS.TEST_JSON = ""
+    _C.DATASETS.TEST_IMAGES = ""
 
     # SSD-style training augmentation (original utils/augmentations.py SSDAugmentation).
     _C.INPUT.SSD = CN()

@@ -10,8 +10,9 @@ positive priors N_pos:
 - ``loss_mask``: 6.125 x BCE of assembled masks, cropped to the matched ground-truth box and
   normalised by that box's area on the prototype grid;
 - ``loss_mask_iou`` (YOLACT++): 25 x smooth-L1 of the re-scoring net's IoU for the ground-truth
-  class, on at most MASKS_TO_TRAIN masks of the batch whose ground truth covers more than
-  MIN_GT_AREA prototype cells;
+  class, on every trained mask (at most MASKS_TO_TRAIN per image, as ``loss_mask``) whose ground
+  truth covers more than MIN_GT_AREA prototype cells, with no cap over the batch (the original's
+  ``maskious_to_train = -1``);
 
 and ``loss_sem_seg`` (1 x BCE-with-logits of a 1x1 conv on P3, per pixel, / batch size).
 """
@@ -293,9 +294,6 @@ class YolactLoss:
         if mask_rescoring is not None:
             if iou_inputs and sum(len(x) for x in iou_inputs):
                 inputs, targets, classes = torch.cat(iou_inputs), torch.cat(iou_targets), torch.cat(iou_classes)
-                if len(inputs) > self.masks_to_train:  # the original caps the batch's re-scoring inputs too
-                    keep = torch.randperm(len(inputs), device=inputs.device)[: self.masks_to_train]
-                    inputs, targets, classes = inputs[keep], targets[keep], classes[keep]
                 pred_iou = mask_rescoring(inputs[:, None]).gather(1, classes[:, None]).squeeze(1)
                 loss_iou = F.smooth_l1_loss(pred_iou, targets, reduction="sum")
             else:  # keep the graph connected so DDP sees every parameter used

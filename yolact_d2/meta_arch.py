@@ -123,9 +123,11 @@ class YOLACT(nn.Module):
             self.to(memory_format=torch.channels_last)  # 4-D weights only; loading keeps the format
 
     def _init_weights(self):
-        # Original init_weights: Xavier-uniform weights and zero biases for every non-backbone conv.
+        # Original init_weights: Xavier-uniform weights and zero biases for every non-backbone conv,
+        # the re-scoring net's too.
         fpn_convs = [m for n, m in self.backbone.named_modules() if not n.startswith("bottom_up")]
-        for module in fpn_convs + list(self.protonet.modules()) + [self.sem_seg_head]:
+        rescoring = list(self.mask_rescoring.modules()) if self.mask_rescoring is not None else []
+        for module in fpn_convs + list(self.protonet.modules()) + [self.sem_seg_head] + rescoring:
             if isinstance(module, nn.Conv2d):
                 nn.init.xavier_uniform_(module.weight)
                 if module.bias is not None:

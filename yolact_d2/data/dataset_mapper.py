@@ -14,7 +14,7 @@ from detectron2.structures import BitMasks, BoxMode, Boxes, PolygonMasks
 
 from .augmentations import build_yolact_train_augmentation
 
-__all__ = ["YolactDatasetMapper", "check_annotations"]
+__all__ = ["YolactDatasetMapper", "check_annotations", "check_dataset_classes"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +51,35 @@ def check_annotations(annos: List[dict], file_name: str, mask_format: str) -> No
                 f"{file_name}: annotation {i} has a segmentation of type "
                 f"{type(segm).__name__}; expected polygons (list) or COCO RLE (dict)."
             )
+
+
+def check_dataset_classes(dataset_dicts: List[dict], dataset_names, thing_classes, num_classes: int, key: str) -> None:
+    """Fail before training when the model's class count does not fit the data.
+
+    Args:
+        dataset_dicts: detectron2 dataset dicts (``category_id`` 0-based, as detectron2's loaders give).
+        dataset_names: the datasets' names, for the message.
+        thing_classes: the datasets' class names from their metadata, or None when they have none.
+        num_classes: the model's foreground class count C; ``key`` is its config key.
+    Raises:
+        ValueError: C differs from ``len(thing_classes)``, or an annotation's ``category_id`` lies
+            outside [0, C) (the message names the image and the fix).
+    """
+    names = ", ".join(dataset_names)
+    if thing_classes is not None and len(thing_classes) != num_classes:
+        shown = ", ".join(thing_classes[:10]) + (", ..." if len(thing_classes) > 10 else "")
+        raise ValueError(
+            f"dataset {names} has {len(thing_classes)} classes ({shown}) but {key} is {num_classes}; "
+            f"set {key} {len(thing_classes)}"
+        )
+    for d in dataset_dicts:
+        for obj in d.get("annotations", []):
+            c = obj.get("category_id")
+            if not isinstance(c, (int, np.integer)) or not 0 <= c < num_classes:
+                raise ValueError(
+                    f"{d['file_name']} (dataset {names}): category_id {c} is outside [0, {num_classes}) of "
+                    f"{key}; fix the annotation or set {key} to the dataset's class count"
+                )
 
 
 def _xyxy(annos: List[dict]) -> np.ndarray:

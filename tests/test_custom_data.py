@@ -1,0 +1,99 @@
+"""Your own COCO-format data with no Python: train_net.py --train-json/--train-images/--val-json/
+--val-images, the class checks before training, and the demo finding the class names again."""
+import importlib.util
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from conftest import DATA, REPO, need
+from test_train_net import CONFIG, train_net
+
+# A small, fast model on the small-data base config (R-50 at 550 there). 64 FPN channels: with 32,
+# GroupNorm(32) would see one value per group on the 1x1 P7 of a 128 px input at batch 1.
+SMALL = [
+    "MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64", "MODEL.FPN.OUT_CHANNELS", "64",
+    "MODEL.YOLACT.INPUT_SIZE", "128", "SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", "2",
+    "DATALOADER.NUM_WORKERS", "0", "MODEL.DEVICE", "cpu",
+]
+
+
+def _load(path):
+    spec = importlib.util.spec_from_file_location(f"yolact_demo_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_train_evaluate_and_demo_on_a_coco_json_outside_the_repo(tmp_path):
+    root = need(DATA / "pennfudan")
+    out = tmp_path / "run"
+    run = train_net(
+        "--config-file", str(REPO / "configs/Base-YOLACT-SmallData.yaml"),
+        "--train-json", str(root / "train.json"), "--train-images", str(root / "images"),
+        "--val-json", str(root / "val.json"), "--val-images", str(root / "images"),
+        *SMALL, "OUTPUT_DIR", str(out),
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    log = (out / "log.txt").read_text()
+    assert "NUM_CLASSES set to 1" in log and "RLE masks: INPUT.MASK_FORMAT set to 'bitmask'" in log
+    assert "copypaste: Task: segm" in log  # detectron2's COCOEvaluator ran on the val JSON
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["MODEL"]["YOLACT"]["NUM_CLASSES"] == 1 and saved["INPUT"]["MASK_FORMAT"] == "bitmask"
+    assert saved["DATASETS"]["TRAIN_JSON"] == str(root / "train.json")
+
+    # The demo, given the saved config and the weights only, draws with the dataset's names.
+    photo = root / "images" / json.loads((root / "val.json").read_text())["images"][0]["file_name"]
+    demo = subprocess.run(
+        [sys.executable, str(REPO / "demo/demo.py"), "--config-file", str(out / "config.yaml"), "--input", str(photo),
+         "--output", str(tmp_path / "demo"), "--opts", "MODEL.WEIGHTS", str(out / "model_final.pth")],
+        capture_output=True, text=True, cwd=REPO, timeout=300,
+    )
+    assert demo.returncode == 0, demo.stderr[-2000:]
+    assert (tmp_path / "demo" / photo.name).is_file()
+    demo_dir = str(REPO / "demo")
+    sys.path.insert(0, demo_dir)  # demo.py imports predictor.py from beside it
+    try:
+        demo_script, demo_predictor = _load(REPO / "demo" / "demo.py"), _load(REPO / "demo" / "predictor.py")
+    finally:
+        sys.path.remove(demo_dir)
+    setup_cfg, resolve_metadata = demo_script.setup_cfg, demo_predictor.resolve_metadata
+    cfg = setup_cfg(str(out / "config.yaml"), ["MODEL.WEIGHTS", str(out / "model_final.pth")])
+    assert list(resolve_metadata(cfg).thing_classes) == ["person"]
+
+
+def test_num_classes_that_does_not_fit_the_dataset_is_named(tmp_path):
+    need(DATA / "pennfudan")
+    run = train_net("--config-file", CONFIG, "MODEL.YOLACT.NUM_CLASSES", "3", "SOLVER.MAX_ITER", "1",
+                    "DATALOADER.NUM_WORKERS", "0", "OUTPUT_DIR", str(tmp_path))
+    last = run.stderr.strip().splitlines()[-1]
+    assert run.returncode != 0 and "Traceback" not in run.stderr
+    assert last == ("error: dataset pennfudan_train has 1 classes (person) but MODEL.YOLACT.NUM_CLASSES is 3; "
+                    "set MODEL.YOLACT.NUM_CLASSES 1")
+
+
+def test_class_id_outside_num_classes_is_named():
+    from yolact_d2.data.dataset_mapper import check_dataset_classes
+
+    dicts = [{"file_name": "a.jpg", "annotations": [{"category_id": 0}]},
+             {"file_name": "b.jpg", "annotations": [{"category_id": 0}, {"category_id": 4}]}]
+    check_dataset_classes(dicts[:1], ["mine"], None, 1, "MODEL.YOLACT.NUM_CLASSES")
+    with pytest.raises(ValueError) as e:
+        check_dataset_classes(dicts, ["mine"], None, 4, "MODEL.YOLACT.NUM_CLASSES")
+    assert str(e.value) == ("b.jpg (dataset mine): category_id 4 is outside [0, 4) of MODEL.YOLACT.NUM_CLASSES; "
+                            "fix the annotation or set MODEL.YOLACT.NUM_CLASSES to the dataset's class count")
+
+
+def test_bad_coco_json_arguments_are_one_line_errors(tmp_path):
+    need(DATA / "pennfudan")
+    images = str(DATA / "pennfudan" / "images")
+    missing = train_net("--config-file", CONFIG, "--train-json", str(tmp_path / "nope.json"), "--train-images", images)
+    assert missing.returncode != 0 and "Traceback" not in missing.stderr
+    assert missing.stderr.strip().splitlines()[-1].startswith(f"error: COCO JSON {tmp_path / 'nope.json'} not found")
+    alone = train_net("--config-file", CONFIG, "--train-json", str(DATA / "pennfudan" / "train.json"))
+    assert "DATASETS.TRAIN_JSON and DATASETS.TRAIN_IMAGES go together" in alone.stderr.strip().splitlines()[-1]
+    (tmp_path / "bad.json").write_text(json.dumps({"images": [], "annotations": []}))
+    bad = train_net("--config-file", CONFIG, "--train-json", str(tmp_path / "bad.json"), "--train-images", images)
+    assert "has no 'categories' list" in bad.stderr.strip().splitlines()[-1]
