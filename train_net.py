@@ -28,7 +28,7 @@ from yolact_d2.data import YolactDatasetMapper
 from yolact_d2.data.custom import apply_coco_json_datasets
 from yolact_d2.data.dataset_mapper import check_annotations, check_dataset_classes
 from yolact_d2.data.datasets import register_builtin_datasets
-from yolact_d2.diagnostics import log_dataset_prior_coverage
+from yolact_d2.diagnostics import log_dataset_prior_coverage, warn_small_batch_norm
 from yolact_d2.evaluation import YolactCOCOEvaluator
 
 
@@ -74,6 +74,7 @@ class Trainer(DefaultTrainer):
             mapper = YolactDatasetMapper(cfg, is_train=True)
             if cfg.MODEL.YOLACT.DIAGNOSTICS.ENABLED and comm.is_main_process():
                 log_dataset_prior_coverage(cfg, dataset, cfg.MODEL.YOLACT.DIAGNOSTICS.FORCED_ONLY_WARN)
+                warn_small_batch_norm(cfg, comm.get_world_size())
         return build_detection_train_loader(cfg, dataset=dataset, mapper=mapper)
 
     @classmethod

@@ -111,6 +111,12 @@ def setup_cfg(path, opts):
         ) from None
     except (ValueError, AssertionError) as e:
         raise DemoError(f"--opts: {_line(e)}") from None
+    names = cfg.MODEL.YOLACT.CLASS_NAMES
+    if names and len(names) != cfg.MODEL.YOLACT.NUM_CLASSES:
+        raise DemoError(
+            f"MODEL.YOLACT.CLASS_NAMES has {len(names)} names but MODEL.YOLACT.NUM_CLASSES is "
+            f"{cfg.MODEL.YOLACT.NUM_CLASSES}; give one name per class"
+        )
     # A config saved by train_net.py for a COCO-JSON dataset: register it again for its class names.
     from yolact_d2.data.custom import apply_coco_json_datasets
 

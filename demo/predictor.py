@@ -6,34 +6,13 @@ from typing import Iterable, Iterator, Tuple
 
 import numpy as np
 
-from detectron2.data import MetadataCatalog
-from detectron2.data.catalog import Metadata
-from detectron2.data.datasets.builtin_meta import _get_builtin_metadata
 from detectron2.structures import Instances
 from detectron2.utils.video_visualizer import VideoVisualizer
 from detectron2.utils.visualizer import ColorMode, VisImage, Visualizer
 
-from yolact_d2.predictor import YolactPredictor
+from yolact_d2.predictor import YolactPredictor, resolve_metadata
 
 __all__ = ["VisualizationDemo", "resolve_metadata"]
-
-
-def resolve_metadata(cfg) -> Metadata:
-    """Class names and colours for drawing.
-
-    ``MetadataCatalog.get(cfg.DATASETS.TEST[0])`` when it names at least NUM_CLASSES
-    ``thing_classes``; else detectron2's COCO 80-class metadata when NUM_CLASSES <= 80; else
-    plain names "class 0", "class 1", ...
-    """
-    num_classes = cfg.MODEL.YOLACT.NUM_CLASSES
-    if len(cfg.DATASETS.TEST):
-        metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0])
-        if len(metadata.get("thing_classes", [])) >= num_classes:
-            return metadata
-    coco = _get_builtin_metadata("coco")
-    if num_classes <= len(coco["thing_classes"]):
-        return Metadata(name="coco_80_classes", **coco)
-    return Metadata(name="yolact_demo", thing_classes=[f"class {i}" for i in range(num_classes)])
 
 
 class VisualizationDemo:

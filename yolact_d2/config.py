@@ -30,6 +30,10 @@ def add_yolact_config(cfg):
     # "reduce-overhead" (CUDA graphs: removes the kernel-launch overhead that bounds batch-1 GPU
     # latency) or "default"; "" runs eagerly. Compiles on the first call (tens of seconds).
     _C.MODEL.YOLACT.COMPILE = ""
+    # Class names to draw and report, NUM_CLASSES of them, when no dataset of the config gives
+    # them (demo, YolactPredictor); empty: the test dataset's names, else COCO's (with a warning
+    # when NUM_CLASSES is not 80).
+    _C.MODEL.YOLACT.CLASS_NAMES = []
     # k, the number of prototype masks (paper Sec. 3.1).
     _C.MODEL.YOLACT.NUM_PROTOTYPES = 32
 

@@ -36,6 +36,8 @@ __all__ = [
     "prior_coverage",
     "dataset_prior_coverage",
     "format_coverage",
+    "log_dataset_prior_coverage",
+    "warn_small_batch_norm",
 ]
 
 logger = logging.getLogger(__name__)
@@ -257,3 +259,20 @@ def log_dataset_prior_coverage(cfg, dataset_dicts: List[dict], warn_share: float
             "forced best-prior match; " + _FIX_FORCED
         )
     return cov
+
+
+def warn_small_batch_norm(cfg, world_size: int = 1, min_images: int = 6) -> bool:
+    """Warn (once, at start) when the ResNet's trainable BatchNorm sees fewer than ``min_images``
+    images per GPU: its batch statistics are then noisy, and the original froze BN below 6.
+
+    Returns True when it warned.
+    """
+    per_gpu = cfg.SOLVER.IMS_PER_BATCH / max(1, world_size)
+    if cfg.MODEL.RESNETS.NORM != "BN" or per_gpu >= min_images:
+        return False
+    logger.warning(
+        f"MODEL.RESNETS.NORM is 'BN' with {per_gpu:g} images per GPU (SOLVER.IMS_PER_BATCH "
+        f"{cfg.SOLVER.IMS_PER_BATCH} over {world_size} GPUs): BatchNorm statistics of fewer than {min_images} "
+        "images are noisy; use 'FrozenBN' with pretrained weights, 'GN' from scratch, or 'SyncBN' across GPUs"
+    )
+    return True

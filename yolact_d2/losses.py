@@ -132,12 +132,16 @@ def _binarised_resize(masks: torch.Tensor, size) -> torch.Tensor:
 
 
 def _bce(p: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """Elementwise F.binary_cross_entropy(clamp(p, 0, 1), g), as the original, except that a NaN in
+    """Elementwise F.binary_cross_entropy(clamp(p, 0, 1), g) in float32, as the original (also under
+    AMP), except that a NaN in
     ``p`` (a diverged network) gives NaN losses, so that detectron2 stops with its
     FloatingPointError, instead of the RuntimeError torch raises for inputs outside [0, 1]."""
     if not torch.isfinite(p).all():
         return p * g  # NaN where p is
-    return F.binary_cross_entropy(p.clamp(0, 1), g, reduction="none")
+    # CUDA autocast refuses binary_cross_entropy (unsafe in fp16): compute it in float32 outside
+    # autocast, the same numbers as without AMP.
+    with torch.autocast(device_type=p.device.type, enabled=False):
+        return F.binary_cross_entropy(p.float().clamp(0, 1), g.float(), reduction="none")
 
 
 class YolactLoss:
@@ -213,9 +217,10 @@ class YolactLoss:
             mb = gt[idx] if len(gt) else prior_boxes
             matched_boxes.append(mb)
             box_targets.append(self.box_coder.get_deltas(prior_boxes, mb))
-            masks = gt_masks_as_tensor(inst) if len(inst) else logits.new_zeros((0, h, w))
+            # Targets in float32 also under autocast (logits may be half precision).
+            masks = gt_masks_as_tensor(inst) if len(inst) else logits.new_zeros((0, h, w), dtype=torch.float32)
             gt_masks_proto.append(_binarised_resize(masks, (proto_h, proto_w)))
-            sem = logits.new_zeros((c,) + tuple(sem_seg_logits.shape[-2:]))
+            sem = logits.new_zeros((c,) + tuple(sem_seg_logits.shape[-2:]), dtype=torch.float32)
             if len(inst):
                 small = _binarised_resize(masks, sem.shape[-2:])  # union of each class's masks
                 sem.scatter_reduce_(0, inst.gt_classes[:, None, None].expand_as(small), small, "amax")
@@ -260,7 +265,7 @@ class YolactLoss:
         losses["loss_cls"] = self.class_weight * loss_cls / norm
 
         # Masks: sigmoid(P C^T) cropped to the matched ground-truth box, BCE / box area.
-        loss_mask = logits.new_zeros(())
+        loss_mask = logits.new_zeros((), dtype=torch.float32)
         iou_inputs, iou_targets, iou_classes = [], [], []
         for i in range(n):
             pos_i = pos[i].nonzero().squeeze(1)
@@ -272,7 +277,11 @@ class YolactLoss:
             gt_idx = matched_idx[i][pos_i]
             boxes = matched_boxes[i][pos_i]
             target = gt_masks_proto[i][gt_idx]
-            pred = crop_masks(assemble_masks(protos[i], coeffs[i, pos_i]), boxes)
+            # In float32 also under autocast: in half precision sigmoid(P C^T) rounds to exactly 1
+            # above ~0.998 and the BCE of a background pixel jumps to its clamp (measured: 40
+            # instead of 11.5 in bfloat16).
+            with torch.autocast(device_type=protos.device.type, enabled=False):
+                pred = crop_masks(assemble_masks(protos[i].float(), coeffs[i, pos_i].float()), boxes.float())
             bce = _bce(pred, target).sum(dim=(1, 2))
             area = (boxes[:, 2] - boxes[:, 0]) * proto_w * (boxes[:, 3] - boxes[:, 1]) * proto_h
             loss_mask = loss_mask + (bce / area).sum() * (total / pos_i.numel())

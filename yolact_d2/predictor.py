@@ -24,13 +24,16 @@ import torch
 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import MetadataCatalog
+from detectron2.data.catalog import Metadata
+from detectron2.data.datasets.builtin_meta import _get_builtin_metadata
 from detectron2.data import transforms as T
 from detectron2.modeling import build_model
 from detectron2.structures import Instances
 
 from .checkpoint import CheckpointLayoutError
+from .data.datasets import register_builtin_datasets
 
-__all__ = ["YolactPredictor"]
+__all__ = ["YolactPredictor", "resolve_metadata"]
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +98,41 @@ def _as_bgr(image: np.ndarray) -> np.ndarray:
     return image
 
 
+def resolve_metadata(cfg) -> Metadata:
+    """Class names and colours for drawing, in this order of preference:
+
+    ``MODEL.YOLACT.CLASS_NAMES`` when set; ``MetadataCatalog.get(cfg.DATASETS.TEST[0])`` (then
+    ``DATASETS.TRAIN[0]``) when it names at least NUM_CLASSES ``thing_classes``; else detectron2's
+    COCO 80-class metadata when NUM_CLASSES <= 80, with a warning unless NUM_CLASSES is 80; else
+    plain names "class 0", "class 1", ...
+
+    Raises:
+        ValueError: ``MODEL.YOLACT.CLASS_NAMES`` with a length other than NUM_CLASSES.
+    """
+    num_classes = cfg.MODEL.YOLACT.NUM_CLASSES
+    names = list(cfg.MODEL.YOLACT.CLASS_NAMES)
+    if names:
+        if len(names) != num_classes:
+            raise ValueError(
+                f"MODEL.YOLACT.CLASS_NAMES has {len(names)} names but MODEL.YOLACT.NUM_CLASSES is {num_classes}"
+            )
+        return Metadata(name="yolact_class_names", thing_classes=names)
+    register_builtin_datasets()
+    for dataset in list(cfg.DATASETS.TEST) + list(cfg.DATASETS.TRAIN):
+        metadata = MetadataCatalog.get(dataset)
+        if len(metadata.get("thing_classes", [])) >= num_classes:
+            return metadata
+    coco = _get_builtin_metadata("coco")
+    if num_classes <= len(coco["thing_classes"]):
+        if num_classes != len(coco["thing_classes"]):
+            logger.warning(
+                f"no class names for this {num_classes}-class model (its config's datasets name none): "
+                "drawing COCO's; set MODEL.YOLACT.CLASS_NAMES or DATASETS.TEST to the model's dataset"
+            )
+        return Metadata(name="coco_80_classes", **coco)
+    return Metadata(name="yolact_demo", thing_classes=[f"class {i}" for i in range(num_classes)])
+
+
 class YolactPredictor:
     """Build a YOLACT model from a config, load its weights, and run it on BGR numpy images.
 
@@ -114,7 +152,7 @@ class YolactPredictor:
     Attributes:
         cfg: a frozen copy of the config.
         model: the YOLACT ``nn.Module`` in eval mode.
-        metadata: ``MetadataCatalog`` entry of ``cfg.DATASETS.TEST[0]`` (None without test sets).
+        metadata: class names and colours from :func:`resolve_metadata`.
 
     Raises (constructor):
         FileNotFoundError: ``MODEL.WEIGHTS`` names a local file that does not exist.
@@ -132,7 +170,7 @@ class YolactPredictor:
             raise ValueError(f"INPUT.FORMAT is {self.input_format!r}; YolactPredictor supports 'RGB' or 'BGR'")
         self.model = build_model(self.cfg)
         self.model.eval()
-        self.metadata = MetadataCatalog.get(self.cfg.DATASETS.TEST[0]) if len(self.cfg.DATASETS.TEST) else None
+        self.metadata = resolve_metadata(self.cfg)
         self._load_weights(self.cfg.MODEL.WEIGHTS)
         min_size = self.cfg.INPUT.MIN_SIZE_TEST
         # The model resizes to INPUT_SIZE itself; a resize here only when a config asks for one.

