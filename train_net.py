@@ -18,6 +18,7 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.data import MetadataCatalog, build_detection_train_loader, get_detection_dataset_dicts
+from detectron2.data.build import filter_images_with_only_crowd_annotations
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
@@ -26,7 +27,7 @@ from detectron2.utils.logger import setup_logger
 from yolact_d2 import add_yolact_config
 from yolact_d2.data import YolactDatasetMapper
 from yolact_d2.data.custom import apply_coco_json_datasets
-from yolact_d2.data.dataset_mapper import check_annotations, check_dataset_classes
+from yolact_d2.data.dataset_mapper import check_annotations, check_dataset_classes, drop_degenerate_annotations
 from yolact_d2.data.datasets import register_builtin_datasets
 from yolact_d2.diagnostics import log_dataset_prior_coverage, warn_small_batch_norm
 from yolact_d2.evaluation import YolactCOCOEvaluator
@@ -38,13 +39,16 @@ def checked_dataset_dicts(cfg, names):
     Raises:
         KeyError: an unregistered dataset name (detectron2's message lists the registered ones).
         FileNotFoundError: an image listed in the annotations but absent, named.
-        ValueError: masks the mask format cannot hold (``check_annotations``), or a class count
-            or class id that does not fit the model's NUM_CLASSES (``check_dataset_classes``),
-            naming the image.
+        ValueError: masks the mask format cannot hold (``check_annotations``), a class count or
+            class id that does not fit the model's NUM_CLASSES (``check_dataset_classes``),
+            naming the image, or no usable instance at all (``drop_degenerate_annotations``,
+            which also drops and counts degenerate instances).
     """
-    dicts = get_detection_dataset_dicts(
-        names, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS, min_keypoints=0, proposal_files=None
-    )
+    dicts = get_detection_dataset_dicts(names, filter_empty=False, min_keypoints=0, proposal_files=None)
+    if cfg.MODEL.MASK_ON:
+        dicts = drop_degenerate_annotations(dicts, names)
+    if cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS:
+        dicts = filter_images_with_only_crowd_annotations(dicts)
     missing = [d["file_name"] for d in dicts if not os.path.isfile(d["file_name"])]
     if missing:
         raise FileNotFoundError(

@@ -119,3 +119,38 @@ def test_demo_names_follow_the_model_not_coco(caplog):
     assert any("MODEL.YOLACT.CLASS_NAMES" in r.getMessage() for r in caplog.records)
     with pytest.raises(ValueError, match="CLASS_NAMES has 2 names"):
         _resolve(["MODEL.YOLACT.CLASS_NAMES", "['a', 'b']"])
+
+
+def test_degenerate_instances_are_dropped_and_counted(caplog):
+    import logging
+
+    from detectron2.structures import BoxMode
+
+    from yolact_d2.data.dataset_mapper import drop_degenerate_annotations
+
+    square = [[10.0, 10.0, 30.0, 10.0, 30.0, 30.0, 10.0, 30.0]]
+    good = {"bbox": [10, 10, 20, 20], "bbox_mode": BoxMode.XYWH_ABS, "segmentation": square, "category_id": 0}
+    flat = dict(good, bbox=[10, 10, 0, 20])  # zero width
+    empty = dict(good, segmentation=[[1.0, 2.0]])  # no polygon of 3 points
+    crowd = dict(flat, iscrowd=1)  # crowd regions are kept as they are (they only ignore priors)
+    dicts = [{"file_name": "a.jpg", "annotations": [good, flat]}, {"file_name": "b.jpg", "annotations": [empty, crowd]}]
+    with caplog.at_level(logging.WARNING, logger="yolact_d2.data.dataset_mapper"):
+        out = drop_degenerate_annotations(dicts, ["mine"])
+    assert [len(d["annotations"]) for d in out] == [1, 1] and out[1]["annotations"][0]["iscrowd"] == 1
+    assert len(dicts[0]["annotations"]) == 2  # the input is not modified
+    assert "dataset mine: dropped 2 degenerate instance(s) (zero-area box or empty mask), e.g. in a.jpg" in caplog.text
+    with pytest.raises(ValueError, match=r"^dataset mine has no usable instance \(1 images"):
+        drop_degenerate_annotations(dicts[1:], ["mine"])
+
+
+def test_a_dataset_without_usable_instances_stops_train_net(tmp_path):
+    root = need(DATA / "pennfudan")
+    data = json.loads((root / "train.json").read_text())
+    for a in data["annotations"]:
+        a["bbox"][2] = 0.0  # every box degenerate
+    (tmp_path / "flat.json").write_text(json.dumps(data))
+    run = train_net("--config-file", CONFIG, "--train-json", str(tmp_path / "flat.json"), "--train-images",
+                    str(root / "images"), "DATASETS.TEST", "()", "OUTPUT_DIR", str(tmp_path / "out"))
+    last = run.stderr.strip().splitlines()[-1]
+    assert run.returncode != 0 and "Traceback" not in run.stderr
+    assert last.startswith("error: dataset coco_json_train has no usable instance (120 images")

@@ -14,7 +14,7 @@ from detectron2.structures import BitMasks, BoxMode, Boxes, PolygonMasks
 
 from .augmentations import build_yolact_train_augmentation
 
-__all__ = ["YolactDatasetMapper", "check_annotations", "check_dataset_classes"]
+__all__ = ["YolactDatasetMapper", "check_annotations", "check_dataset_classes", "drop_degenerate_annotations"]
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +80,50 @@ def check_dataset_classes(dataset_dicts: List[dict], dataset_names, thing_classe
                     f"{d['file_name']} (dataset {names}): category_id {c} is outside [0, {num_classes}) of "
                     f"{key}; fix the annotation or set {key} to the dataset's class count"
                 )
+
+
+def _degenerate(obj: dict) -> bool:
+    # A non-crowd annotation that cannot train: zero-area box, or a mask without any pixel.
+    box = BoxMode.convert(list(obj["bbox"]), obj["bbox_mode"], BoxMode.XYXY_ABS)
+    if box[2] <= box[0] or box[3] <= box[1]:
+        return True
+    segm = obj.get("segmentation")
+    if isinstance(segm, list):
+        return not any(len(p) >= 6 for p in segm)  # a polygon needs 3 points
+    if isinstance(segm, dict):
+        rle = mask_util.frPyObjects(segm, *segm["size"]) if isinstance(segm.get("counts"), list) else segm
+        return int(mask_util.area(rle)) == 0
+    return False
+
+
+def drop_degenerate_annotations(dataset_dicts: List[dict], dataset_names) -> List[dict]:
+    """Copies of the dicts without the non-crowd annotations that cannot train (zero-area box, or a
+    mask with no pixel); the count dropped is logged with an example image.
+
+    Raises:
+        ValueError: no image keeps a usable (non-crowd, non-degenerate) instance, naming the datasets.
+    """
+    names = ", ".join(dataset_names)
+    out, dropped, example = [], 0, None
+    for d in dataset_dicts:
+        annos = d.get("annotations", [])
+        keep = [o for o in annos if o.get("iscrowd", 0) or not _degenerate(o)]
+        if len(keep) != len(annos):
+            dropped += len(annos) - len(keep)
+            example = example or d["file_name"]
+            d = dict(d, annotations=keep)
+        out.append(d)
+    if dropped:
+        logger.warning(
+            f"dataset {names}: dropped {dropped} degenerate instance(s) (zero-area box or empty mask), "
+            f"e.g. in {example}"
+        )
+    if not any(not o.get("iscrowd", 0) for d in out for o in d.get("annotations", [])):
+        raise ValueError(
+            f"dataset {names} has no usable instance ({len(out)} images; every annotation is a crowd region, "
+            "degenerate or absent): check its annotations and category ids"
+        )
+    return out
 
 
 def _xyxy(annos: List[dict]) -> np.ndarray:
