@@ -147,3 +147,25 @@ def test_other_shape_outside_class_tensors_is_still_an_error():
     model = build_model(yolact_cfg(opts=["MODEL.YOLACT.NUM_CLASSES", "1", "MODEL.FPN.OUT_CHANNELS", "128"]))
     with pytest.raises(CheckpointLayoutError, match=r"does not fit this model: \S+ is"):
         model.load_state_dict(original_layout("yolact_resnet50_config"))
+
+
+def test_detectron2_checkpoint_of_other_classes_fine_tunes(tmp_path, caplog):
+    """A yolact-d2 (detectron2-layout) checkpoint with 4 classes into a 1-class model: detectron2's
+    checkpointer skips the class-specific tensors with its warning, the rest loads."""
+    import logging
+
+    fit = "configs/cpu/yolact_R_18_FPN_320_fit.yaml"  # 4 classes
+    torch.manual_seed(0)
+    source = build_model(yolact_cfg(fit))
+    DetectionCheckpointer(source, save_dir=str(tmp_path)).save("four")
+    torch.manual_seed(1)
+    target = build_model(yolact_cfg(fit, ["MODEL.YOLACT.NUM_CLASSES", "1"]))
+    init = {k: v.clone() for k, v in target.state_dict().items()}
+    with caplog.at_level(logging.WARNING):
+        DetectionCheckpointer(target).load(str(tmp_path / "four.pth"))
+    for k, v in target.state_dict().items():
+        if k.startswith(("head.cls_score", "sem_seg_head")):
+            assert torch.equal(v, init[k]), k
+            assert k in caplog.text  # listed by detectron2's checkpointer
+        else:
+            assert torch.equal(v, source.state_dict()[k]), k
