@@ -47,9 +47,9 @@ logger = logging.getLogger(__name__)
 DEAD_EPS = 1e-6
 
 _FIX_DEAD = (
-    "train with MODEL.FPN.NORM 'GN', MODEL.YOLACT.HEAD_NORM 'GN', MODEL.YOLACT.PROTONET_NORM 'GN' and "
-    "MODEL.YOLACT.PROTOTYPE_ACTIVATION 'none' (configs/Base-YOLACT-SmallData.yaml), or start from "
-    "ImageNet / released weights"
+    "train with MODEL.FPN.NORM 'GN', MODEL.YOLACT.HEAD_NORM 'GN', MODEL.YOLACT.PROTONET_NORM 'GN', "
+    "MODEL.YOLACT.FPN_OUTPUT_RELU False and MODEL.YOLACT.PROTOTYPE_ACTIVATION 'none' "
+    "(configs/Base-YOLACT-SmallData.yaml), or start from ImageNet / released weights"
 )
 _FIX_FORCED = (
     "use priors with their true aspect ratios and 3 scales per level (MODEL.YOLACT.SQUARE_ANCHORS False, "
@@ -151,7 +151,8 @@ class TrainingDiagnostics:
             what = ", ".join(f"{k} {100 * v:.0f}%" for k, v in dead.items())
             self._warn("dead", (
                 f"YOLACT training is collapsing: channels constant over the image (dead) in {what} "
-                f"over the last {self.window} iterations, so detections no longer depend on the photo; "
+                f"over the last {self.window} iterations: they carry nothing about the photo, so what they feed "
+                "(the head's detections, the masks) stops depending on it; "
                 + _FIX_DEAD
             ))
         forced = self._mean("match/forced_only", scalars.get("match/forced_only"))
