@@ -111,17 +111,15 @@ def setup_cfg(path, opts):
         ) from None
     except (ValueError, AssertionError) as e:
         raise DemoError(f"--opts: {_line(e)}") from None
-    names = cfg.MODEL.YOLACT.CLASS_NAMES
-    if names and len(names) != cfg.MODEL.YOLACT.NUM_CLASSES:
-        raise DemoError(
-            f"MODEL.YOLACT.CLASS_NAMES has {len(names)} names but MODEL.YOLACT.NUM_CLASSES is "
-            f"{cfg.MODEL.YOLACT.NUM_CLASSES}; give one name per class"
-        )
-    # A config saved by train_net.py for a COCO-JSON dataset: register it again for its class names.
+    # A config saved by train_net.py for a COCO-JSON dataset: register it again for its class names;
+    # then resolve the names now, so that a bad MODEL.YOLACT.CLASS_NAMES stops before the model loads.
     from yolact_d2.data.custom import apply_coco_json_datasets
+    from yolact_d2.predictor import resolve_metadata
 
     try:
         apply_coco_json_datasets(cfg)
+        if cfg.MODEL.YOLACT.CLASS_NAMES:  # checks their count (no fallback warning printed twice)
+            resolve_metadata(cfg)
     except (FileNotFoundError, ValueError) as e:
         raise DemoError(_line(e)) from None
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():

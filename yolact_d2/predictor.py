@@ -114,7 +114,8 @@ def resolve_metadata(cfg) -> Metadata:
     if names:
         if len(names) != num_classes:
             raise ValueError(
-                f"MODEL.YOLACT.CLASS_NAMES has {len(names)} names but MODEL.YOLACT.NUM_CLASSES is {num_classes}"
+                f"MODEL.YOLACT.CLASS_NAMES has {len(names)} names but MODEL.YOLACT.NUM_CLASSES is {num_classes}; "
+                "give one name per class"
             )
         return Metadata(name="yolact_class_names", thing_classes=names)
     register_builtin_datasets()
