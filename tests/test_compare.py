@@ -1,0 +1,206 @@
+"""tools/compare.py: one tiny YOLACT-vs-Mask R-CNN comparison on Penn-Fudan (2 iterations each,
+160 px, 6 train / 3 val photos, batch 1), its report checked against what detectron2's evaluator
+logged in the training runs and what tools/benchmark.py wrote; README block and bad input."""
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import DATA, REPO, need
+
+SCRIPT = REPO / "tools" / "compare.py"
+
+
+def _tool(*args, env=None, timeout=600):
+    # One OpenMP thread: two spin-waiting threads on a loaded 2-core machine cost far more than they give.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout, env=env)
+
+
+def _subset(src, dst, n):
+    data = json.loads(src.read_text())
+    data["images"] = data["images"][:n]
+    ids = {im["id"] for im in data["images"]}
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] in ids]
+    dst.write_text(json.dumps(data))
+    return dst
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """(completed process, report.json dict, output dir, val JSON) of one tiny comparison."""
+    pytest.importorskip("detectron2")
+    root = need(DATA / "pennfudan")
+    tmp = tmp_path_factory.mktemp("compare")
+    train = _subset(root / "train.json", tmp / "train.json", 6)
+    val = _subset(root / "val.json", tmp / "val.json", 3)
+    out = tmp / "out"
+    proc = _tool(
+        "--iters", 2, "--train-json", train, "--train-images", root / "images", "--val-json", val,
+        "--val-images", root / "images", "--num-images", 2, "--vis-images", 2, "--threads", 1, "--output-dir", out,
+        "--opts", "SOLVER.IMS_PER_BATCH", 1, "DATALOADER.NUM_WORKERS", 0,
+        "--yolact-opts", "MODEL.YOLACT.INPUT_SIZE", 160,
+        "--mask-rcnn-opts", "INPUT.MIN_SIZE_TRAIN", "(160,)", "INPUT.MAX_SIZE_TRAIN", 200,
+        "INPUT.MIN_SIZE_TEST", 160, "INPUT.MAX_SIZE_TEST", 200,
+    )
+    report = json.loads((out / "report.json").read_text()) if (out / "report.json").exists() else None
+    return proc, report, out, val
+
+
+def _ok(run):
+    proc, report, out, _ = run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert report is not None
+    return report, out
+
+
+def _trainer_log_ap(log_txt):
+    """{"bbox": [6 values], "segm": [...]} from the last "copypaste" lines that detectron2's
+    evaluation (print_csv_format) wrote to a training run's log.txt."""
+    lines = [ln.split("copypaste: ", 1)[1].strip() for ln in log_txt.read_text().splitlines() if "copypaste: " in ln]
+    out = {}
+    for i, ln in enumerate(lines):
+        if ln.startswith("Task: "):
+            assert lines[i + 1] == "AP,AP50,AP75,APs,APm,APl"
+            out[ln[len("Task: "):]] = [float(v) for v in lines[i + 2].split(",")]
+    return out
+
+
+def _same(a, b, tol):
+    return (math.isnan(a) and math.isnan(b)) or abs(a - b) <= tol
+
+
+def _cell(text):
+    return float("nan") if text == "n/a" else float(text)
+
+
+def test_report_files(run):
+    report, out = _ok(run)
+    for name in ("report.md", "report.json", "speed_accuracy.png", "predictions.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    import cv2
+
+    pic = cv2.imread(str(out / "predictions.png"))
+    rows = [cv2.imread(str(out / f"predictions_{k}.png")) for k in ("yolact", "mask_rcnn")]
+    # One row per model, stacked: the picture is as tall as both rows (+ a 4 px gap each).
+    assert pic.shape[0] == sum(r.shape[0] + 4 for r in rows)
+    assert cv2.imread(str(out / "speed_accuracy.png")) is not None
+    md = (out / "report.md").read_text()
+    assert "![speed vs accuracy](speed_accuracy.png)" in md and "![predictions](predictions.png)" in md
+    assert [m["label"] for m in report["models"]] == ["YOLACT", "Mask R-CNN"]
+
+
+def test_ap_matches_the_evaluator_of_the_training_runs(run):
+    """The AP in report.json and report.md equal what COCOEvaluator returned at the end of each
+    model's train_net.py run (a different process, read back from its log)."""
+    from yolact_d2.compare import METRICS, parse_markdown_table
+
+    report, out = _ok(run)
+    table = {r["model"]: r for r in parse_markdown_table((out / "report.md").read_text())}
+    checked = []
+    for m in report["models"]:
+        logged = _trainer_log_ap(out / m["key"] / "train" / "log.txt")
+        assert set(logged) == {"bbox", "segm"}
+        for task, word in (("bbox", "box"), ("segm", "mask")):
+            for name, value in zip(METRICS, logged[task]):
+                assert _same(m["eval"][task][name], value, 1e-4), (m["label"], task, name)
+                assert _same(_cell(table[m["label"]][f"{word} {name}"]), value, 0.05 + 1e-9), (m["label"], task, name)
+                checked.append(value)
+        saved = json.loads((out / m["key"] / "eval" / "eval_results.json").read_text())
+        assert saved["segm"]["AP"] == pytest.approx(m["eval"]["segm"]["AP"], nan_ok=True)
+        assert m["budget"] == "2 iterations (trained here)"
+    # Some values differ from 0 and from each other: a swapped column or model would show.
+    assert len({v for v in checked if not math.isnan(v) and v > 0}) >= 2
+
+
+def test_speed_matches_the_benchmark_json(run):
+    from yolact_d2.compare import parse_markdown_table
+
+    report, out = _ok(run)
+    _, _, _, val = run
+    timing = json.loads((out / "timing.json").read_text())
+    table = {r["model"]: r for r in parse_markdown_table((out / "report.md").read_text())}
+    assert [t["label"] for t in timing["models"]] == ["YOLACT", "Mask R-CNN"]
+    for m, t in zip(report["models"], timing["models"]):
+        assert m["ms_per_image"] == pytest.approx(t["end_to_end_per_image_ms"])
+        assert m["images_per_s"] == pytest.approx(t["images_per_s"])
+        assert float(table[m["label"]]["ms/image"]) == pytest.approx(t["end_to_end_per_image_ms"], abs=0.05 + 1e-9)
+        assert float(table[m["label"]]["images/s"]) == pytest.approx(t["images_per_s"], abs=0.005 + 1e-9)
+        assert t["end_to_end"]["n"] == 2
+    # Timed on the first val photos of the val JSON, both models on the same ones.
+    first = [im["file_name"] for im in json.loads(val.read_text())["images"][:2]]
+    assert sorted(timing["meta"]["images"]) == sorted(first)
+
+
+def test_commands_and_environment(run):
+    import detectron2
+    import torch
+
+    report, out = _ok(run)
+    md = (out / "report.md").read_text()
+    train_cmds = [ln for ln in md.splitlines() if ln.startswith("python train_net.py") and "--eval-only" not in ln]
+    assert len(train_cmds) == 2 and all("SOLVER.MAX_ITER 2" in c for c in train_cmds)
+    assert md.count("--eval-only") == 2 and "python tools/benchmark.py" in md
+    env = report["environment"]
+    assert env["torch"] == torch.__version__ and env["detectron2"] == detectron2.__version__
+    assert env["threads"] == 1 and env["device"] == "cpu"
+    assert f"| torch | {torch.__version__} |" in md
+
+
+def test_readme_table_and_update(run, tmp_path):
+    from yolact_d2.compare import README_BEGIN, README_END, parse_markdown_table
+
+    _, out = _ok(run)
+    proc = _tool("--from-report", out / "report.json", "--readme-table")
+    assert proc.returncode == 0, proc.stderr
+    assert parse_markdown_table(proc.stdout) == parse_markdown_table((out / "report.md").read_text())
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\nbefore\n{README_BEGIN}\nold table\n{README_END}\nafter\n")
+    proc = _tool("--from-report", out / "report.json", "--update-readme", readme)
+    assert proc.returncode == 0, proc.stderr
+    text = readme.read_text()
+    assert text.startswith(f"# x\nbefore\n{README_BEGIN}\n") and text.endswith(f"{README_END}\nafter\n")
+    assert "old table" not in text
+    assert parse_markdown_table(text) == parse_markdown_table((out / "report.md").read_text())
+
+
+def test_repository_readme_has_a_generated_block():
+    from yolact_d2.compare import README_BEGIN, README_END, parse_markdown_table
+
+    text = (REPO / "README.md").read_text()
+    block = text[text.index(README_BEGIN):text.index(README_END)]
+    rows = parse_markdown_table(block)
+    assert {"YOLACT", "Mask R-CNN"} <= {r["model"] for r in rows}
+
+
+def test_scaled_schedule():
+    pytest.importorskip("detectron2")
+    from yolact_d2.compare import load_cfg, scaled_schedule_opts
+
+    cfg = load_cfg(str(REPO / "configs/pennfudan/mask_rcnn_R_18_FPN_320.yaml"))  # 200 its, steps (160,), warm-up 20
+    assert scaled_schedule_opts(cfg, 50) == ["SOLVER.MAX_ITER", "50", "SOLVER.STEPS", "(40,)", "SOLVER.WARMUP_ITERS", "5"]
+    cfg.merge_from_list(scaled_schedule_opts(cfg, 2))  # a step at 2 of 2 is dropped; the result stays valid
+    assert cfg.SOLVER.STEPS == () and cfg.SOLVER.MAX_ITER == 2
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--val-json", "/nonexistent/val.json"], r"^error: dataset file /nonexistent/val\.json not found: give --val-json"),
+    (["--yolact-config", "configs/nope.yaml"], r"^error: config configs/nope\.yaml not found: give an existing YAML"),
+    (["--opts", "MODEL.NO_SUCH_KEY", "1"], r"^error: config .* / opts: .*MODEL\.NO_SUCH_KEY.*\(fix the key or value\)"),
+    (["--yolact-weights", "/nonexistent/run"], r"^error: weights /nonexistent/run not found: give a \.pth file"),
+])
+def test_bad_input_is_one_line_naming_the_fix(args, expected, tmp_path):
+    pytest.importorskip("detectron2")
+    need(DATA / "pennfudan")
+    proc = _tool(*args, "--iters", 1, "--output-dir", tmp_path / "o", timeout=120)
+    assert proc.returncode != 0
+    # Only the error line (library warnings printed on import may precede it).
+    errors = [ln for ln in proc.stderr.strip().splitlines() if ln.startswith("error")]
+    assert len(errors) == 1 and re.search(expected, errors[0]), proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == errors[0]
+    assert "Traceback" not in proc.stderr
