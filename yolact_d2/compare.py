@@ -267,11 +267,13 @@ def _cmd(argv: Sequence[str]) -> str:
 
 
 def _rel(path) -> str:
-    """A path relative to the working directory when it is below it (shorter commands)."""
+    """A path relative to the working directory when it is below it or beside it (``../shared``):
+    shorter commands that still work from the repository root."""
     try:
-        return os.path.relpath(path) if not os.path.relpath(path).startswith("..") else str(path)
+        rel = os.path.relpath(path)
     except ValueError:
         return str(path)
+    return rel if not rel.startswith(os.path.join("..", "..")) else str(path)
 
 
 # ----------------------------------------------------------------------------- steps
@@ -510,8 +512,8 @@ def readme_block(report: Dict) -> str:
     return (f"{markdown_table(report)}\n\n"
             f"Regenerate: `{report['command']}` then `python tools/compare.py --from-report "
             f"<output-dir>/report.json --update-readme README.md`. Made {env['date'][:10]} on {env['cpu']} "
-            f"({env['cpu_count']} cores, {env['threads']} threads, CPU, torch {env['torch']}, detectron2 "
-            f"{env['detectron2']}); val: {report['dataset']['val_images_count']} photos of "
+            f"({env['cpu_count']} cores, {env['threads']} threads, CPU, load average {env['loadavg'][0]:.1f} at the "
+            f"start, torch {env['torch']}, detectron2 {env['detectron2']}); val: {report['dataset']['val_images_count']} photos of "
             f"`{_rel(report['dataset']['val_json'])}`; timing: {report['timing']['num_images']} of them, batch 1.")
 
 
