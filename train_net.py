@@ -10,14 +10,11 @@
 Everything but the YOLACT data mapper and evaluator comes from detectron2's DefaultTrainer:
 LR schedule, checkpointing (--resume), TensorBoard/metrics.json writers, DDP through launch().
 """
-import logging
 import os
-
-import torch
 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
-from detectron2.data import MetadataCatalog, build_detection_train_loader, get_detection_dataset_dicts
+from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_train_loader, get_detection_dataset_dicts
 from detectron2.data.build import filter_images_with_only_crowd_annotations
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
 from detectron2.evaluation import verify_results
@@ -29,7 +26,9 @@ from yolact_d2.data import YolactDatasetMapper
 from yolact_d2.data.custom import apply_coco_json_datasets
 from yolact_d2.data.dataset_mapper import check_annotations, check_dataset_classes, drop_degenerate_annotations
 from yolact_d2.data.datasets import register_builtin_datasets
+from yolact_d2.device import cpu_sync_batch_norm, ddp_on_cpu, resolve_device
 from yolact_d2.diagnostics import log_dataset_prior_coverage, warn_small_batch_norm
+from yolact_d2.errors import ConfigError, DatasetError, MissingFileError, YolactUserError
 from yolact_d2.evaluation import YolactCOCOEvaluator
 
 
@@ -37,13 +36,19 @@ def checked_dataset_dicts(cfg, names):
     """Dataset dicts of ``names``, checked before training starts.
 
     Raises:
-        KeyError: an unregistered dataset name (detectron2's message lists the registered ones).
-        FileNotFoundError: an image listed in the annotations but absent, named.
-        ValueError: masks the mask format cannot hold (``check_annotations``), a class count or
+        DatasetError: an unregistered dataset name (the message lists the registered ones).
+        MissingFileError: an image listed in the annotations but absent, named.
+        DatasetError: masks the mask format cannot hold (``check_annotations``), a class count or
             class id that does not fit the model's NUM_CLASSES (``check_dataset_classes``),
             naming the image, or no usable instance at all (``drop_degenerate_annotations``,
             which also drops and counts degenerate instances).
     """
+    unknown = [n for n in names if n not in DatasetCatalog.list()]
+    if unknown:
+        raise DatasetError(
+            f"dataset {unknown[0]!r} (DATASETS.TRAIN) is not registered; use a registered name "
+            "(e.g. pennfudan_train, coco_2017_train) or give --train-json / --train-images"
+        )
     dicts = get_detection_dataset_dicts(names, filter_empty=False, min_keypoints=0, proposal_files=None)
     if cfg.MODEL.MASK_ON:
         dicts = drop_degenerate_annotations(dicts, names)
@@ -51,7 +56,7 @@ def checked_dataset_dicts(cfg, names):
         dicts = filter_images_with_only_crowd_annotations(dicts)
     missing = [d["file_name"] for d in dicts if not os.path.isfile(d["file_name"])]
     if missing:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{len(missing)} image(s) of {', '.join(names)} listed in the annotations are missing on disk, "
             f"first: {missing[0]} (fix the image root of the dataset registration)"
         )
@@ -69,6 +74,10 @@ def checked_dataset_dicts(cfg, names):
 class Trainer(DefaultTrainer):
     """DefaultTrainer with the YOLACT mapper (SSD augmentations, fixed square resize) for YOLACT
     models and :class:`YolactCOCOEvaluator` (COCOEvaluator, mask re-scoring aware) for all."""
+
+    def __init__(self, cfg):
+        with ddp_on_cpu():  # detectron2 gives DDP a GPU id, which it refuses for a CPU model
+            super().__init__(cfg)
 
     @classmethod
     def build_train_loader(cls, cfg):
@@ -94,43 +103,49 @@ def setup(args):
         cfg.merge_from_list(args.opts)
     except (KeyError, AssertionError, ValueError) as e:  # yacs: unknown key, bad value or type
         msg = e.args[0] if e.args else str(e)
-        raise SystemExit(f"error: config {args.config_file} / opts: {msg}") from None
+        raise ConfigError(f"config {args.config_file} / opts: {msg}") from None
     for flag, key in (("train_json", "TRAIN_JSON"), ("train_images", "TRAIN_IMAGES"),
                       ("val_json", "TEST_JSON"), ("val_images", "TEST_IMAGES")):
         if getattr(args, flag, None):
             setattr(cfg.DATASETS, key, getattr(args, flag))
     # The plugin's own log lines (dataset set-up, diagnostics) to the console and OUTPUT_DIR/log.txt.
     setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="yolact_d2")
-    try:
-        apply_coco_json_datasets(cfg)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
-    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        logging.getLogger("detectron2").warning("CUDA is not available: running on the CPU")
-        cfg.MODEL.DEVICE = "cpu"
+    apply_coco_json_datasets(cfg)
+    if args.device:
+        cfg.MODEL.DEVICE = args.device
+    cfg.MODEL.DEVICE = resolve_device(cfg.MODEL.DEVICE, explicit=bool(args.device))
+    cpu_sync_batch_norm(cfg)
     cfg.freeze()
     default_setup(cfg, args)
     register_builtin_datasets()
     return cfg
 
 
-def _setup_error(e: Exception):
-    # Config and data mistakes (unknown key, unregistered dataset, missing file): one line, no traceback.
-    msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-    return SystemExit(f"error: {msg}")
+def check_weights(cfg, resume: bool) -> None:
+    """Raise MissingFileError when ``MODEL.WEIGHTS`` names a local file that does not exist and
+    would be loaded (not when ``resume`` finds a checkpoint in OUTPUT_DIR, which replaces it)."""
+    weights = cfg.MODEL.WEIGHTS
+    if not weights or "://" in weights or os.path.isfile(weights):
+        return
+    if resume and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint")):
+        return
+    raise MissingFileError(f"MODEL.WEIGHTS file {weights} not found; give an existing checkpoint or MODEL.WEIGHTS \"\"")
 
 
 def main(args):
+    # The user's mistakes (config, files, data, checkpoint, device) end with one line; anything
+    # else is a bug and keeps its traceback.
     try:
         cfg = setup(args)
+        check_weights(cfg, args.resume)
         if args.eval_only:
             model = Trainer.build_model(cfg)
             DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         else:
             trainer = Trainer(cfg)  # builds the model, the optimizer and the data loader
             trainer.resume_or_load(resume=args.resume)
-    except (KeyError, FileNotFoundError, ValueError) as e:
-        raise _setup_error(e) from None
+    except YolactUserError as e:
+        raise SystemExit("error: " + " ".join(str(e).split())) from None
     if args.eval_only:
         res = Trainer.test(cfg, model)
         verify_results(cfg, res)
@@ -145,6 +160,10 @@ def argument_parser():
     parser.add_argument("--train-images", help="its image folder (DATASETS.TRAIN_IMAGES)")
     parser.add_argument("--val-json", help="COCO instances JSON to evaluate on (DATASETS.TEST_JSON)")
     parser.add_argument("--val-images", help="its image folder (DATASETS.TEST_IMAGES)")
+    parser.add_argument(
+        "--device", help="run on this device (sets MODEL.DEVICE), failing if it is absent; without it a "
+        "CUDA MODEL.DEVICE falls back to the CPU with a warning when there is no GPU",
+    )
     return parser
 
 

@@ -18,6 +18,8 @@ from detectron2.layers import Conv2d, ShapeSpec, get_norm
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 from detectron2.modeling.backbone.resnet import build_resnet_backbone
 
+from .errors import ConfigError
+
 __all__ = ["YolactFPN", "ModulatedDeformConv", "build_yolact_resnet", "build_yolact_resnet_fpn_backbone"]
 
 
@@ -45,7 +47,7 @@ class YolactFPN(Backbone):
     ):
         super().__init__()
         if len(in_features) != 3:
-            raise ValueError(f"YolactFPN needs three bottom-up features (C3, C4, C5), got {in_features}")
+            raise ConfigError(f"YolactFPN needs three bottom-up features (C3, C4, C5), got {in_features}")
         self.bottom_up = bottom_up
         self.in_features = list(in_features)
         shapes = bottom_up.output_shape()
@@ -138,9 +140,9 @@ def build_yolact_resnet(cfg, input_shape: ShapeSpec) -> Backbone:
     deform = list(cfg.MODEL.RESNETS.DEFORM_ON_PER_STAGE)
     interval = cfg.MODEL.YOLACT.DEFORM_INTERVAL
     if any(deform) and cfg.MODEL.RESNETS.DEPTH in (18, 34):
-        raise ValueError("MODEL.RESNETS.DEFORM_ON_PER_STAGE needs a bottleneck ResNet (DEPTH 50 or 101)")
+        raise ConfigError("MODEL.RESNETS.DEFORM_ON_PER_STAGE needs a bottleneck ResNet (DEPTH 50 or 101)")
     if interval < 1:
-        raise ValueError(f"MODEL.YOLACT.DEFORM_INTERVAL must be >= 1, got {interval}")
+        raise ConfigError(f"MODEL.YOLACT.DEFORM_INTERVAL must be >= 1, got {interval}")
     plain_cfg = copy.deepcopy(cfg)
     plain_cfg.defrost()
     # detectron2's DeformBottleneckBlock needs its compiled _C; build plain blocks, then swap conv2.

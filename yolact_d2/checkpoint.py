@@ -13,6 +13,8 @@ from typing import Dict
 
 import torch
 
+from .errors import YolactUserError
+
 __all__ = [
     "CheckpointLayoutError",
     "detect_layout",
@@ -33,8 +35,9 @@ CLASS_SPECIFIC_KEYS = (
 )
 
 
-class CheckpointLayoutError(ValueError):
-    """A checkpoint whose layout does not fit the model or cannot be converted."""
+class CheckpointLayoutError(YolactUserError, ValueError):
+    """A checkpoint whose layout does not fit the model or cannot be converted (a user's mistake:
+    entry points print it as one line)."""
 
 
 def detect_layout(state_dict: Dict[str, torch.Tensor]) -> str:

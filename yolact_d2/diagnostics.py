@@ -26,6 +26,7 @@ from torchvision.ops import box_iou
 from detectron2.structures import BoxMode
 from detectron2.utils.events import get_event_storage
 
+from .errors import ConfigError
 from .priors import make_priors, priors_to_boxes
 
 __all__ = [
@@ -90,7 +91,7 @@ class TrainingDiagnostics:
 
     def __init__(self, window: int = 20, dead_share_warn: float = 0.5, forced_only_warn: float = 0.5):
         if window < 1:
-            raise ValueError(f"MODEL.YOLACT.DIAGNOSTICS.WARN_WINDOW must be >= 1, got {window}")
+            raise ConfigError(f"MODEL.YOLACT.DIAGNOSTICS.WARN_WINDOW must be >= 1, got {window}")
         self.window = window
         self.dead_share_warn = dead_share_warn
         self.forced_only_warn = forced_only_warn

@@ -7,6 +7,8 @@ from torch import nn
 
 from detectron2.layers import Conv2d, get_norm
 
+from .errors import ConfigError
+
 __all__ = ["YolactHead"]
 
 
@@ -36,7 +38,7 @@ class YolactHead(nn.Module):
     ):
         super().__init__()
         if norm not in ("", "GN"):
-            raise ValueError(
+            raise ConfigError(
                 f"MODEL.YOLACT.HEAD_NORM is {norm!r}; use '' or 'GN' (the head is shared by all FPN "
                 "levels, so a BatchNorm would mix their statistics)"
             )
@@ -63,7 +65,7 @@ class YolactHead(nn.Module):
             ValueError: ``prior_prob`` outside (0, 1).
         """
         if not 0.0 < prior_prob < 1.0:
-            raise ValueError(f"MODEL.YOLACT.FOCAL_LOSS_PRIOR_PROB must be in (0, 1), got {prior_prob}")
+            raise ConfigError(f"MODEL.YOLACT.FOCAL_LOSS_PRIOR_PROB must be in (0, 1), got {prior_prob}")
         b = math.log((1.0 - prior_prob) / prior_prob)
         with torch.no_grad():
             bias = self.cls_score.bias.view(self.num_priors_per_location, self.num_classes + 1)

@@ -11,6 +11,7 @@ from detectron2.structures import Boxes, Instances
 
 from .checkpoint import upgrade_state_dict
 from .diagnostics import TrainingDiagnostics
+from .errors import ConfigError
 from .fast_nms import multiclass_nms
 from .head import YolactHead
 from .losses import YolactLoss
@@ -60,7 +61,7 @@ class YOLACT(nn.Module):
         self.max_detections = y.DETECTIONS_PER_IMAGE
         self.mask_threshold = y.MASK_THRESHOLD
         if self.nms_type not in ("fast", "cluster", "standard"):
-            raise ValueError(
+            raise ConfigError(
                 f"MODEL.YOLACT.NMS_TYPE is {self.nms_type!r}; use 'fast', 'cluster' or 'standard'"
             )
 
@@ -68,17 +69,17 @@ class YOLACT(nn.Module):
         shapes = self.backbone.output_shape()
         missing = [f for f in self.in_features + [self.protonet_in_feature] if f not in shapes]
         if missing:
-            raise ValueError(f"MODEL.YOLACT features {missing} are not produced by the backbone ({list(shapes)})")
+            raise ConfigError(f"MODEL.YOLACT features {missing} are not produced by the backbone ({list(shapes)})")
         channels = shapes[self.in_features[0]].channels
         self.prior_generator = PriorGenerator(
             y.ANCHOR_SCALES, y.ANCHOR_ASPECT_RATIOS, y.INPUT_SIZE, y.SQUARE_ANCHORS
         )
         if len(y.ANCHOR_SCALES) != len(self.in_features):
-            raise ValueError(
+            raise ConfigError(
                 f"MODEL.YOLACT.ANCHOR_SCALES has {len(y.ANCHOR_SCALES)} levels, IN_FEATURES {len(self.in_features)}"
             )
         if y.CLASS_LOSS not in ("ohem", "sigmoid_focal"):
-            raise ValueError(f"MODEL.YOLACT.CLASS_LOSS is {y.CLASS_LOSS!r}; use 'ohem' or 'sigmoid_focal'")
+            raise ConfigError(f"MODEL.YOLACT.CLASS_LOSS is {y.CLASS_LOSS!r}; use 'ohem' or 'sigmoid_focal'")
         self.class_loss = y.CLASS_LOSS
         self.head = YolactHead(
             channels, self.prior_generator.num_priors_per_location, self.num_classes, y.NUM_PROTOTYPES,
@@ -107,7 +108,7 @@ class YOLACT(nn.Module):
             self.head.init_focal_bias(y.FOCAL_LOSS_PRIOR_PROB)
 
         if len(cfg.MODEL.PIXEL_MEAN) != len(cfg.MODEL.PIXEL_STD):
-            raise ValueError("MODEL.PIXEL_MEAN and MODEL.PIXEL_STD must have the same length")
+            raise ConfigError("MODEL.PIXEL_MEAN and MODEL.PIXEL_STD must have the same length")
         self.register_buffer("pixel_mean", torch.tensor(cfg.MODEL.PIXEL_MEAN).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(cfg.MODEL.PIXEL_STD).view(-1, 1, 1), False)
         self.criterion = YolactLoss(cfg)

@@ -16,7 +16,7 @@ Example::
 """
 import logging
 import os
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 from urllib.parse import urlparse
 
 import numpy as np
@@ -32,6 +32,8 @@ from detectron2.structures import Instances
 
 from .checkpoint import CheckpointLayoutError
 from .data.datasets import register_builtin_datasets
+from .device import resolve_device
+from .errors import ConfigError, MissingFileError
 
 __all__ = ["YolactPredictor", "resolve_metadata"]
 
@@ -107,13 +109,13 @@ def resolve_metadata(cfg) -> Metadata:
     plain names "class 0", "class 1", ...
 
     Raises:
-        ValueError: ``MODEL.YOLACT.CLASS_NAMES`` with a length other than NUM_CLASSES.
+        ConfigError: ``MODEL.YOLACT.CLASS_NAMES`` with a length other than NUM_CLASSES.
     """
     num_classes = cfg.MODEL.YOLACT.NUM_CLASSES
     names = list(cfg.MODEL.YOLACT.CLASS_NAMES)
     if names:
         if len(names) != num_classes:
-            raise ValueError(
+            raise ConfigError(
                 f"MODEL.YOLACT.CLASS_NAMES has {len(names)} names but MODEL.YOLACT.NUM_CLASSES is {num_classes}; "
                 "give one name per class"
             )
@@ -155,20 +157,27 @@ class YolactPredictor:
         model: the YOLACT ``nn.Module`` in eval mode.
         metadata: class names and colours from :func:`resolve_metadata`.
 
+    Device: ``device`` if given (``DeviceUnavailableError`` when it is a CUDA device and there is no
+    GPU), else ``cfg.MODEL.DEVICE``, where a CUDA device on a machine without one falls back to the
+    CPU with one warning line (:func:`yolact_d2.device.resolve_device`).
+
     Raises (constructor):
-        FileNotFoundError: ``MODEL.WEIGHTS`` names a local file that does not exist.
+        MissingFileError: ``MODEL.WEIGHTS`` names a local file that does not exist.
+        DeviceUnavailableError: an explicit CUDA ``device`` without a GPU.
         CheckpointLayoutError: the file is not a readable checkpoint, its tensors do not fit the
             model's shapes, or it leaves model parameters missing; the one-line message names
             the file and how many parameters were missing.
-        ValueError: ``INPUT.FORMAT`` is neither "RGB" nor "BGR", or an invalid model config.
+        ConfigError: ``INPUT.FORMAT`` is neither "RGB" nor "BGR", or an invalid model config.
     """
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, device: Optional[str] = None):
         self.cfg = cfg.clone()
+        self.cfg.defrost()
+        self.cfg.MODEL.DEVICE = resolve_device(device or self.cfg.MODEL.DEVICE, explicit=device is not None)
         self.cfg.freeze()
         self.input_format = self.cfg.INPUT.FORMAT
         if self.input_format not in ("RGB", "BGR"):
-            raise ValueError(f"INPUT.FORMAT is {self.input_format!r}; YolactPredictor supports 'RGB' or 'BGR'")
+            raise ConfigError(f"INPUT.FORMAT is {self.input_format!r}; YolactPredictor supports 'RGB' or 'BGR'")
         self.model = build_model(self.cfg)
         self.model.eval()
         self.metadata = resolve_metadata(self.cfg)
@@ -186,7 +195,7 @@ class YolactPredictor:
             return
         parsed = urlparse(path)
         if not parsed.scheme and not os.path.isfile(parsed._replace(query="").geturl()):
-            raise FileNotFoundError(f"MODEL.WEIGHTS file {path} not found")
+            raise MissingFileError(f"MODEL.WEIGHTS file {path} not found")
 
         checkpointer = _RecordingCheckpointer(self.model)
         fix = "use a YOLACT checkpoint made for this config (ResNet depth, NUM_CLASSES, YOLACT vs YOLACT++)"

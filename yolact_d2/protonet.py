@@ -4,6 +4,8 @@ from torch import nn
 
 from detectron2.layers import Conv2d, get_norm
 
+from .errors import ConfigError
+
 __all__ = ["ProtoNet"]
 
 
@@ -31,7 +33,7 @@ class ProtoNet(nn.Module):
     ):
         super().__init__()
         if prototype_activation not in ("relu", "none"):
-            raise ValueError(
+            raise ConfigError(
                 f"MODEL.YOLACT.PROTOTYPE_ACTIVATION is {prototype_activation!r}; use 'relu' or 'none'"
             )
         channels = channels or in_channels  # 256, the FPN width, in every published model

@@ -36,6 +36,8 @@ from numpy import random as npr
 import detectron2.data.transforms as T
 from detectron2.data.transforms import Augmentation, NoOpTransform, Transform
 
+from ..errors import ConfigError
+
 __all__ = [
     "YOLACT_CROP_MIN_IOUS",
     "SSD_CROP_MIN_IOUS",
@@ -67,7 +69,7 @@ _HSV_CODES = {
 
 def _check_color_format(image_format: str) -> None:
     if image_format not in _HSV_CODES:
-        raise ValueError(
+        raise ConfigError(
             f"Photometric distortion needs a colour image in 'RGB' or 'BGR' order, got "
             f"INPUT.FORMAT={image_format!r}; set INPUT.SSD.PHOTOMETRIC: False for other formats."
         )
@@ -268,7 +270,7 @@ class RandomExpand(Augmentation):
     def __init__(self, max_ratio: float = 4.0, fill: Sequence[float] = (0.0, 0.0, 0.0), prob=0.5):
         super().__init__()
         if max_ratio < 1:
-            raise ValueError(f"INPUT.SSD.MAX_EXPAND must be >= 1, got {max_ratio}")
+            raise ConfigError(f"INPUT.SSD.MAX_EXPAND must be >= 1, got {max_ratio}")
         fill = tuple(float(v) for v in fill)
         self._init(locals())
 
@@ -364,7 +366,7 @@ def build_yolact_train_augmentation(
             augs.append(SSDRandomCrop(min_ious=crop_min_ious))
     flip = cfg.INPUT.RANDOM_FLIP
     if flip not in ("horizontal", "vertical", "none"):
-        raise ValueError(
+        raise ConfigError(
             f"INPUT.RANDOM_FLIP must be 'horizontal', 'vertical' or 'none', got {flip!r}"
         )
     if flip != "none":

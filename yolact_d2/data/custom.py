@@ -16,6 +16,8 @@ from typing import List, Tuple
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
 
+from ..errors import ConfigError, DatasetError, MissingFileError
+
 __all__ = ["TRAIN_NAME", "TEST_NAME", "read_coco_categories", "register_coco_json", "apply_coco_json_datasets"]
 
 logger = logging.getLogger(__name__)
@@ -29,20 +31,20 @@ def read_coco_categories(json_file: str) -> Tuple[List[dict], bool]:
     RLE (dict) mask.
 
     Raises:
-        FileNotFoundError: no such file (named).
-        ValueError: not JSON, or no ``categories`` / ``annotations`` lists (named, with the fix).
+        MissingFileError: no such file (named).
+        DatasetError: not JSON, or no ``categories`` / ``annotations`` lists (named, with the fix).
     """
     path = Path(json_file)
     if not path.is_file():
-        raise FileNotFoundError(f"COCO JSON {json_file} not found (check DATASETS.TRAIN_JSON / TEST_JSON)")
+        raise MissingFileError(f"COCO JSON {json_file} not found (check DATASETS.TRAIN_JSON / TEST_JSON)")
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{json_file} is not valid JSON ({e.msg} at line {e.lineno}); give a COCO instances file") from None
+        raise DatasetError(f"{json_file} is not valid JSON ({e.msg} at line {e.lineno}); give a COCO instances file") from None
     if not isinstance(data, dict) or not isinstance(data.get("categories"), list) or not data["categories"]:
-        raise ValueError(f"{json_file} has no 'categories' list; a COCO instances JSON names its classes there")
+        raise DatasetError(f"{json_file} has no 'categories' list; a COCO instances JSON names its classes there")
     if not isinstance(data.get("annotations"), list):
-        raise ValueError(f"{json_file} has no 'annotations' list; give a COCO instances JSON with masks")
+        raise DatasetError(f"{json_file} has no 'annotations' list; give a COCO instances JSON with masks")
     cats = sorted(data["categories"], key=lambda c: c["id"])
     rle = any(isinstance(a.get("segmentation"), dict) for a in data["annotations"])
     return cats, rle
@@ -70,9 +72,10 @@ def apply_coco_json_datasets(cfg) -> None:
     ``INPUT.MASK_FORMAT = "bitmask"`` when a mask is RLE. Logs what it set.
 
     Raises:
-        ValueError: a JSON without its image folder (or the reverse), train and test JSONs with
-            different categories, or a malformed JSON (see :func:`read_coco_categories`).
-        FileNotFoundError: a missing JSON or image folder, named.
+        ConfigError: a JSON without its image folder (or the reverse).
+        DatasetError: train and test JSONs with different categories, or a malformed JSON (see
+            :func:`read_coco_categories`).
+        MissingFileError: a missing JSON or image folder, named.
     """
     d = cfg.DATASETS
     pairs = [("TRAIN", TRAIN_NAME, d.TRAIN_JSON, d.TRAIN_IMAGES), ("TEST", TEST_NAME, d.TEST_JSON, d.TEST_IMAGES)]
@@ -81,15 +84,15 @@ def apply_coco_json_datasets(cfg) -> None:
         if not json_file and not images:
             continue
         if not json_file or not images:
-            raise ValueError(
+            raise ConfigError(
                 f"DATASETS.{split}_JSON and DATASETS.{split}_IMAGES go together; got {json_file!r} and {images!r}"
             )
         if not Path(images).is_dir():
-            raise FileNotFoundError(f"image folder {images} (DATASETS.{split}_IMAGES) not found")
+            raise MissingFileError(f"image folder {images} (DATASETS.{split}_IMAGES) not found")
         cats, rle = read_coco_categories(json_file)
         names = [c["name"] for c in cats]
         if categories is not None and names != categories:
-            raise ValueError(
+            raise DatasetError(
                 f"DATASETS.TEST_JSON has categories {names} but DATASETS.TRAIN_JSON {categories}; "
                 "both must list the same classes"
             )

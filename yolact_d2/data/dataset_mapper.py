@@ -13,6 +13,7 @@ from detectron2.config import configurable
 from detectron2.structures import BitMasks, BoxMode, Boxes, PolygonMasks
 
 from .augmentations import build_yolact_train_augmentation
+from ..errors import ConfigError, DatasetError, MissingFileError
 
 __all__ = ["YolactDatasetMapper", "check_annotations", "check_dataset_classes", "drop_degenerate_annotations"]
 
@@ -26,7 +27,7 @@ def check_annotations(annos: List[dict], file_name: str, mask_format: str) -> No
     before training starts.
 
     Raises:
-        ValueError: a non-crowd annotation without "segmentation", an RLE mask with
+        DatasetError: a non-crowd annotation without "segmentation", an RLE mask with
             ``mask_format`` "polygon", or a segmentation that is neither polygons nor RLE;
             the message names ``file_name``.
     """
@@ -35,19 +36,19 @@ def check_annotations(annos: List[dict], file_name: str, mask_format: str) -> No
             continue  # crowd masks are not used
         segm = obj.get("segmentation")
         if segm is None:
-            raise ValueError(
+            raise DatasetError(
                 f"{file_name}: annotation {i} has no 'segmentation'; YOLACT needs instance "
                 "masks for every non-crowd object."
             )
         if isinstance(segm, dict):
             if mask_format == "polygon":
-                raise ValueError(
+                raise DatasetError(
                     f"{file_name}: annotation {i} has an RLE mask but INPUT.MASK_FORMAT is "
                     '"polygon"; set INPUT.MASK_FORMAT: "bitmask" in the config (or pass '
                     "INPUT.MASK_FORMAT bitmask on the command line) to train on RLE masks."
                 )
         elif not isinstance(segm, list):
-            raise ValueError(
+            raise DatasetError(
                 f"{file_name}: annotation {i} has a segmentation of type "
                 f"{type(segm).__name__}; expected polygons (list) or COCO RLE (dict)."
             )
@@ -62,13 +63,13 @@ def check_dataset_classes(dataset_dicts: List[dict], dataset_names, thing_classe
         thing_classes: the datasets' class names from their metadata, or None when they have none.
         num_classes: the model's foreground class count C; ``key`` is its config key.
     Raises:
-        ValueError: C differs from ``len(thing_classes)``, or an annotation's ``category_id`` lies
+        DatasetError: C differs from ``len(thing_classes)``, or an annotation's ``category_id`` lies
             outside [0, C) (the message names the image and the fix).
     """
     names = ", ".join(dataset_names)
     if thing_classes is not None and len(thing_classes) != num_classes:
         shown = ", ".join(thing_classes[:10]) + (", ..." if len(thing_classes) > 10 else "")
-        raise ValueError(
+        raise DatasetError(
             f"dataset {names} has {len(thing_classes)} classes ({shown}) but {key} is {num_classes}; "
             f"set {key} {len(thing_classes)}"
         )
@@ -76,7 +77,7 @@ def check_dataset_classes(dataset_dicts: List[dict], dataset_names, thing_classe
         for obj in d.get("annotations", []):
             c = obj.get("category_id")
             if not isinstance(c, (int, np.integer)) or not 0 <= c < num_classes:
-                raise ValueError(
+                raise DatasetError(
                     f"{d['file_name']} (dataset {names}): category_id {c} is outside [0, {num_classes}) of "
                     f"{key}; fix the annotation or set {key} to the dataset's class count"
                 )
@@ -101,7 +102,7 @@ def drop_degenerate_annotations(dataset_dicts: List[dict], dataset_names) -> Lis
     mask with no pixel); the count dropped is logged with an example image.
 
     Raises:
-        ValueError: no image keeps a usable (non-crowd, non-degenerate) instance, naming the datasets.
+        DatasetError: no image keeps a usable (non-crowd, non-degenerate) instance, naming the datasets.
     """
     names = ", ".join(dataset_names)
     out, dropped, example = [], 0, None
@@ -119,7 +120,7 @@ def drop_degenerate_annotations(dataset_dicts: List[dict], dataset_names) -> Lis
             f"e.g. in {example}"
         )
     if not any(not o.get("iscrowd", 0) for d in out for o in d.get("annotations", [])):
-        raise ValueError(
+        raise DatasetError(
             f"dataset {names} has no usable instance ({len(out)} images; every annotation is a crowd region, "
             "degenerate or absent): check its annotations and category ids"
         )
@@ -167,8 +168,8 @@ class YolactDatasetMapper:
     itself); annotations are dropped.
 
     Raises (from ``__call__``):
-        FileNotFoundError: the image file does not exist (message names the path).
-        ValueError: an annotation's mask does not fit ``mask_format`` (an RLE dict with
+        MissingFileError: the image file does not exist (message names the path).
+        DatasetError: an annotation's mask does not fit ``mask_format`` (an RLE dict with
             "polygon": set INPUT.MASK_FORMAT "bitmask"), or a non-crowd annotation has no
             "segmentation"; the message names the file.
         detectron2's SizeMismatchError: image size differs from the dict's height/width.
@@ -198,7 +199,7 @@ class YolactDatasetMapper:
             drop_outside_centers: drop objects whose box centre leaves the augmented image.
         """
         if mask_format not in ("polygon", "bitmask"):
-            raise ValueError(
+            raise ConfigError(
                 f"INPUT.MASK_FORMAT must be 'polygon' or 'bitmask', got {mask_format!r}"
             )
         self.is_train = is_train
@@ -226,7 +227,7 @@ class YolactDatasetMapper:
         try:
             return utils.read_image(file_name, format=self.image_format)
         except FileNotFoundError as e:
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"YolactDatasetMapper: image file not found: {file_name} "
                 "(check the dataset's image_root / file_name)"
             ) from e
