@@ -59,6 +59,10 @@ def get_parser() -> argparse.ArgumentParser:
         help="minimum score in [0, 1] for an instance to be drawn",
     )
     parser.add_argument(
+        "--device", help="run on this device (sets MODEL.DEVICE), e.g. cpu or cuda; an error when it is absent. "
+        "Without it a CUDA MODEL.DEVICE falls back to the CPU with a warning on a machine without a GPU",
+    )
+    parser.add_argument(
         "--opts", default=[], nargs=argparse.REMAINDER,
         help="config overrides as KEY VALUE pairs, e.g. MODEL.WEIGHTS model.pth MODEL.DEVICE cpu",
     )
@@ -80,13 +84,14 @@ def config_path(args) -> str:
     return path
 
 
-def setup_cfg(path, opts):
-    """Config from detectron2's defaults, ``add_yolact_config``, the file ``path`` and ``opts``.
+def setup_cfg(path, opts, device=None):
+    """Config from detectron2's defaults, ``add_yolact_config``, the file ``path``, ``opts`` and
+    ``device`` (``--device``); the device resolved by :func:`yolact_d2.device.resolve_device`.
 
     Raises:
-        DemoError: invalid config file, unknown key, bad --opts value, no CUDA, missing weights.
+        DemoError: invalid config file, unknown key, bad --opts value, ``--device cuda`` without a
+            GPU, missing weights.
     """
-    import torch
     import yaml
     from detectron2.config import get_cfg
     from yolact_d2 import add_yolact_config
@@ -114,18 +119,17 @@ def setup_cfg(path, opts):
     # A config saved by train_net.py for a COCO-JSON dataset: register it again for its class names;
     # then resolve the names now, so that a bad MODEL.YOLACT.CLASS_NAMES stops before the model loads.
     from yolact_d2.data.custom import apply_coco_json_datasets
+    from yolact_d2.device import resolve_device
+    from yolact_d2.errors import YolactUserError
     from yolact_d2.predictor import resolve_metadata
 
     try:
         apply_coco_json_datasets(cfg)
         if cfg.MODEL.YOLACT.CLASS_NAMES:  # checks their count (no fallback warning printed twice)
             resolve_metadata(cfg)
-    except (FileNotFoundError, ValueError) as e:
+        cfg.MODEL.DEVICE = resolve_device(device or cfg.MODEL.DEVICE, explicit=device is not None)
+    except YolactUserError as e:
         raise DemoError(_line(e)) from None
-    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        raise DemoError(
-            f"MODEL.DEVICE is {cfg.MODEL.DEVICE!r} but no CUDA GPU is available; pass --opts MODEL.DEVICE cpu"
-        )
     weights = cfg.MODEL.WEIGHTS
     if weights and "://" not in weights and not os.path.isfile(weights):
         raise DemoError(
@@ -318,19 +322,21 @@ def main(argv=None) -> int:
     setup_logger(name="yolact_d2")
     logger = setup_logger()
     logger.info("Arguments: " + str(args))
-    cfg = setup_cfg(cfg_path, args.opts)
+    cfg = setup_cfg(cfg_path, args.opts, args.device)
 
     from predictor import VisualizationDemo  # demo/predictor.py, next to this file
     from yolact_d2.checkpoint import CheckpointLayoutError
+    from yolact_d2.errors import ConfigError, YolactUserError
 
+    # The user's mistakes are one line; any other error is a bug and keeps its traceback.
     try:
         demo = VisualizationDemo(cfg, confidence_threshold=args.confidence_threshold)
     except CheckpointLayoutError as e:
         raise DemoError(f"MODEL.WEIGHTS {_line(e)}") from None
-    except FileNotFoundError as e:
-        raise DemoError(_line(e)) from None
-    except ValueError as e:  # a config value the model rejects (e.g. NMS_TYPE)
+    except ConfigError as e:  # a config value the model rejects (e.g. NMS_TYPE)
         raise DemoError(f"invalid config: {_line(e)}") from None
+    except YolactUserError as e:
+        raise DemoError(_line(e)) from None
 
     if args.input:
         for out in outputs:

