@@ -3,7 +3,7 @@ import pytest
 import torch
 from torchvision.ops import box_iou, nms
 
-from yolact_d2.fast_nms import _overlaps_above, multiclass_nms
+from yolact_d2.fast_nms import _overlaps_above, fast_nms_static, multiclass_nms, overlaps_above_functional
 
 
 def random_candidates(seed, m=300, c=5):
@@ -99,3 +99,28 @@ def test_max_detections_and_empty_input():
     assert len(idx) == 0
     with pytest.raises(ValueError, match="unknown NMS method"):
         multiclass_nms(boxes, scores, method="soft")
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_overlap_test_without_in_place_ops_is_bit_identical(seed):
+    boxes, _ = random_candidates(seed, m=120)
+    boxes = boxes.view(3, 40, 4)
+    assert torch.equal(overlaps_above_functional(boxes, 0.5), _overlaps_above(boxes, 0.5))
+
+
+@pytest.mark.parametrize("seed,candidates", [(0, 300), (1, 45), (2, 0)])
+def test_static_fast_nms_over_all_rows_equals_fast_nms_over_candidates(seed, candidates):
+    """The export graph's form: every row ranked, non-candidates scored -1 (fewer candidates than
+    top_k too), equals the brute-force Fast NMS definition on the candidate rows alone."""
+    boxes, scores = random_candidates(seed, m=400)
+    is_cand = torch.zeros(400, dtype=torch.bool)
+    is_cand[torch.randperm(400, generator=torch.Generator().manual_seed(seed))[:candidates]] = True
+    masked = torch.where(is_cand[:, None], scores, torch.full_like(scores, -1.0))
+    idx, cls, sc = fast_nms_static(boxes, masked, 0.5, top_k=60, max_detections=100)
+    assert idx.shape == cls.shape == sc.shape == (100,)  # fixed by the arguments
+    valid = sc >= 0
+    rows = is_cand.nonzero().squeeze(1)
+    expected = brute_force_fast_nms(boxes[rows], scores[rows], 0.5, 60, 100)
+    assert as_set(idx[valid], cls[valid]) == {(rows[j].item(), c) for _, j, c in expected}
+    assert torch.all(sc[:-1] >= sc[1:]) and bool((~valid[:-1] & valid[1:]).any()) is False
+    assert torch.allclose(sc[valid], scores[idx[valid], cls[valid]])

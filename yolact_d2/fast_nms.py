@@ -8,7 +8,7 @@ from typing import Tuple
 import torch
 from torchvision.ops import batched_nms
 
-__all__ = ["fast_nms", "cluster_fast_nms", "standard_nms", "multiclass_nms"]
+__all__ = ["fast_nms", "cluster_fast_nms", "standard_nms", "multiclass_nms", "fast_nms_static"]
 
 
 def _top_k_per_class(scores: torch.Tensor, top_k: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -34,6 +34,19 @@ def _overlaps_above(boxes: torch.Tensor, iou_threshold: float) -> torch.Tensor:
     area = (x1 - x0) * (y1 - y0)
     torch.add(area, area.transpose(1, 2), out=tmp).mul_(iou_threshold)
     return torch.gt(inter, tmp).triu_(diagonal=1)
+
+
+def overlaps_above_functional(boxes: torch.Tensor, iou_threshold: float) -> torch.Tensor:
+    """:func:`_overlaps_above` without in-place ops or ``out=`` buffers, for traced export graphs.
+
+    The same arithmetic in the same order, so the decisions are bit-identical to it.
+    """
+    x0, y0, x1, y1 = (c.unsqueeze(2) for c in boxes.unbind(dim=-1))  # each (B, n, 1)
+    iw = (torch.minimum(x1, x1.transpose(1, 2)) - torch.maximum(x0, x0.transpose(1, 2))).clamp(min=0)
+    ih = (torch.minimum(y1, y1.transpose(1, 2)) - torch.maximum(y0, y0.transpose(1, 2))).clamp(min=0)
+    area = (x1 - x0) * (y1 - y0)
+    over = (iw * ih) * (1.0 + iou_threshold) > (area + area.transpose(1, 2)) * iou_threshold
+    return over.triu(diagonal=1)
 
 
 def _suppressed_by_any(boxes: torch.Tensor, iou_threshold: float, chunk: int = 16) -> torch.Tensor:
@@ -126,3 +139,28 @@ def cluster_fast_nms(boxes, scores, iou_threshold=0.5, top_k=200, max_detections
 def standard_nms(boxes, scores, iou_threshold=0.5, top_k=200, max_detections=100):
     """Greedy per-class NMS by torchvision ``batched_nms``; see :func:`multiclass_nms`."""
     return multiclass_nms(boxes, scores, iou_threshold, top_k, max_detections, method="standard")
+
+
+def fast_nms_static(
+    boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float = 0.5, top_k: int = 200,
+    max_detections: int = 100,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fast NMS with shapes fixed by the arguments, for export graphs (no data-dependent shapes).
+
+    Args:
+        boxes: (A, 4) boxes (x0, y0, x1, y1) of every prior, any unit.
+        scores: (A, C) foreground scores in [0, 1]; rows that are not candidates set to -1.
+        iou_threshold, top_k, max_detections: as :func:`multiclass_nms`.
+    Returns:
+        ``(index, classes, scores)``, each (min(max_detections, C * K),), K = min(top_k, A),
+        sorted by score descending; entries with a negative score are not detections. The
+        entries with a score >= 0 equal :func:`multiclass_nms` ("fast", per class) run on the
+        candidate rows only: -1 rows rank below every candidate, so they can only suppress
+        other -1 rows.
+    """
+    k = min(top_k, scores.shape[0])
+    sc, idx = scores.t().topk(k, dim=1, sorted=True)  # (C, K)
+    suppressed = overlaps_above_functional(boxes[idx], iou_threshold).any(dim=-2)
+    sc = torch.where(suppressed, torch.full_like(sc, -1.0), sc).reshape(-1)
+    sc, flat = sc.topk(min(max_detections, sc.shape[0]), sorted=True)
+    return idx.reshape(-1)[flat], torch.div(flat, k, rounding_mode="floor"), sc

@@ -1,0 +1,225 @@
+"""Export (yolact_d2/export.py, tools/export_model.py) and the exported-model runtime (yolact_d2/runtime.py).
+
+Parity with the eager model on the reference checkpoint and real photos of several sizes:
+raw graph within 1e-4 relative error per output; end-to-end graph matching >= 99% of PyTorch's
+detections (same class, score within 1e-3, box within 1 px, mask IoU >= 0.95).
+"""
+import copy
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from conftest import DATA, REFERENCE, REPO, matched_detections, need, yolact_cfg
+
+pytest.importorskip("onnxruntime")
+
+
+def photos():
+    """The reference photo, 3 more coco128 photos and 2 Penn-Fudan photos (other sizes and aspects)."""
+    coco = sorted(need(DATA / "coco128" / "images").glob("*.jpg"))
+    fudan = sorted(need(DATA / "pennfudan" / "images").glob("*.jpg"))
+    paths = [coco[0], coco[5], coco[17], coco[40], fudan[0], fudan[101]]
+    images = [cv2.imread(str(p)) for p in paths]
+    assert len({im.shape[:2] for im in images}) >= 4, "the parity photos should differ in size"
+    return images
+
+
+def export_both(tmp_path_factory, fmt):
+    """The reference checkpoint exported by the command line, both graphs in one call."""
+    folder = tmp_path_factory.mktemp("export")
+    cmd = [sys.executable, str(REPO / "tools/export_model.py"), "--config-file",
+           str(REPO / "configs/yolact_R_50_FPN_550.yaml"), "--format", fmt, "--graph", "both",
+           "--output", str(folder), "MODEL.WEIGHTS", str(need(REFERENCE / "yolact_resnet50_seed1.pth"))]
+    run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    suffix = ".onnx" if fmt == "onnx" else ".ts"
+    files = {g: folder / f"yolact_R_50_FPN_550_{g}{suffix}" for g in ("e2e", "raw")}
+    for path in files.values():
+        assert f"wrote {path}" in run.stdout
+    return files
+
+
+@pytest.fixture(scope="module")
+def eager():
+    from yolact_d2.predictor import YolactPredictor
+
+    return YolactPredictor(yolact_cfg(opts=["MODEL.WEIGHTS", str(need(REFERENCE / "yolact_resnet50_seed1.pth"))]))
+
+
+@pytest.fixture(scope="module", params=["onnx", "torchscript"])
+def fmt(request):
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def exported_files(tmp_path_factory, fmt):
+    return export_both(tmp_path_factory, fmt)
+
+
+@pytest.fixture(scope="module")
+def e2e_file(exported_files):
+    return exported_files["e2e"]
+
+
+@pytest.fixture(scope="module")
+def raw_file(exported_files):
+    return exported_files["raw"]
+
+
+def run_raw(path, fmt, images):
+    if fmt == "onnx":
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return session.run(None, {"images": images.numpy()})
+    module = torch.jit.load(str(path))
+    with torch.no_grad():
+        return [t.numpy() for t in module(images)]
+
+
+def test_raw_graph_matches_forward_raw(raw_file, fmt, eager, reference_outputs):
+    """The raw graph on the reference input (batch of 2: the batch axis is dynamic) equals
+    forward_raw: relative error (L2) <= 1e-4 for every output, and no element further from the
+    float64 model than PyTorch's own float32 result is (x1.5): both differ from each other only by
+    float32 rounding (the largest single difference, 1.2e-4 of the range, is on mask_coeffs,
+    where ORT is the one closer to float64)."""
+    x = reference_outputs["input_550"].float()
+    x = torch.cat([x, x.flip(-1)])
+    with torch.no_grad():
+        ref = eager.model.forward_raw(x)
+        ref64 = copy.deepcopy(eager.model).double().forward_raw(x.double())
+    outputs = run_raw(raw_file, fmt, x)
+    names = ["box_deltas", "class_scores", "mask_coeffs", "prototypes", "priors"]
+    assert len(outputs) == len(names)
+    for name, got in zip(names, outputs):
+        want, exact = ref[name].numpy(), ref64[name].numpy()
+        assert got.shape == want.shape, name
+        rel = np.linalg.norm(got - want) / np.linalg.norm(want)
+        assert rel <= 1e-4, f"{name}: relative error {rel:.2e}"
+        ours, torch32 = np.abs(got - exact).max(), np.abs(want - exact).max()
+        assert ours <= 1.5 * torch32 + 1e-7, f"{name}: {ours:.2e} from float64, PyTorch float32 {torch32:.2e}"
+
+
+def test_end_to_end_graph_matches_predictor(e2e_file, eager):
+    """>= 99% of YolactPredictor's detections on 6 real photos of 4+ sizes, traced at another size."""
+    from yolact_d2.runtime import ExportedPredictor
+
+    exported = ExportedPredictor(str(e2e_file))
+    assert len(exported.class_names) == 80
+    total = matched = 0
+    for image in photos():
+        ours = exported(image)["instances"]
+        ref = eager(image)["instances"]
+        assert ours.image_size == ref.image_size == image.shape[:2]
+        assert ours.pred_masks.dtype == torch.bool and ours.pred_classes.dtype == torch.int64
+        assert len(ref) > 10 and abs(len(ours) - len(ref)) <= max(1, len(ref) // 100)
+        total += len(ref)
+        matched += matched_detections(
+            ours, ref.pred_classes.numpy(), ref.scores.numpy(), ref.pred_boxes.tensor.numpy(), ref.pred_masks.numpy()
+        )
+    assert matched >= 0.99 * total, f"{matched} of {total} detections matched"
+
+
+def test_exported_predictor_as_a_detectron2_model(e2e_file, eager):
+    """Called with detectron2 input dicts (INPUT.FORMAT RGB tensors), as inference_on_dataset does."""
+    from yolact_d2.runtime import ExportedPredictor
+
+    image = photos()[4]
+    rgb = torch.from_numpy(np.ascontiguousarray(image[:, :, ::-1].transpose(2, 0, 1)))
+    exported = ExportedPredictor(str(e2e_file))
+    ours = exported([{"image": rgb, "height": image.shape[0], "width": image.shape[1]}])[0]["instances"]
+    ref = eager(image)["instances"]
+    assert matched_detections(
+        ours, ref.pred_classes.numpy(), ref.scores.numpy(), ref.pred_boxes.tensor.numpy(), ref.pred_masks.numpy()
+    ) >= 0.99 * len(ref)
+    with pytest.raises(ValueError, match="MIN_SIZE_TEST 0"):
+        exported([{"image": rgb, "height": 100, "width": 200}])
+
+
+def test_no_detection_gives_empty_outputs(tmp_path):
+    """A graph whose threshold nothing passes returns (0, ...) outputs; the eager model agrees."""
+    from detectron2.modeling import build_model
+
+    from yolact_d2.export import export_model
+    from yolact_d2.runtime import ExportedPredictor
+
+    cfg = yolact_cfg("configs/pennfudan/yolact_R_18_FPN_320.yaml",
+                     ["MODEL.YOLACT.SCORE_THRESH_TEST", "0.9999", "MODEL.WEIGHTS", ""])
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    image = np.random.default_rng(0).integers(0, 255, (240, 300, 3), dtype=np.uint8)
+    path = export_model(cfg, model, "e2e", "onnx", str(tmp_path / "m.onnx"), torch.from_numpy(image), ["person"])
+    with torch.no_grad():
+        eager_n = len(model([{"image": torch.from_numpy(image[:, :, ::-1].transpose(2, 0, 1).copy())}])[0]["instances"])
+    out = ExportedPredictor(path).run(image)
+    assert eager_n == 0
+    assert out["boxes"].shape == (0, 4) and out["scores"].shape == (0,) and out["masks"].shape == (0, 240, 300)
+
+
+def test_yolact_plus_torchscript_matches_and_onnx_is_refused(tmp_path):
+    """YOLACT++ (deformable convs, mask re-scoring): TorchScript traces it with mask_scores; ONNX says why not."""
+    from detectron2.modeling import build_model
+
+    from yolact_d2.export import ExportError, export_model
+    from yolact_d2.runtime import ExportedPredictor
+
+    # Threshold 0: random weights with the focal-loss bias score ~0.01 everywhere.
+    cfg = yolact_cfg("configs/pennfudan/yolact_plus_R_50_FPN_320.yaml",
+                     ["MODEL.WEIGHTS", "", "MODEL.YOLACT.SCORE_THRESH_TEST", "0.0"])
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    image = photos()[4]
+    with pytest.raises(ExportError, match="deformable convolutions.*--format torchscript"):
+        export_model(cfg, model, "e2e", "onnx", str(tmp_path / "m.onnx"), torch.from_numpy(image), ["person"])
+    path = export_model(cfg, model, "e2e", "torchscript", str(tmp_path / "m.ts"), torch.from_numpy(image), ["person"])
+    rgb = torch.from_numpy(np.ascontiguousarray(image[:, :, ::-1].transpose(2, 0, 1)))
+    with torch.no_grad():
+        ref = model([{"image": rgb}])[0]["instances"]
+    ours = ExportedPredictor(path)(photos()[4])["instances"]
+    assert len(ref) > 0 and len(ours) == len(ref)
+    assert torch.allclose(ours.mask_scores, ref.mask_scores, atol=1e-4)
+    assert matched_detections(
+        ours, ref.pred_classes.numpy(), ref.scores.numpy(), ref.pred_boxes.tensor.numpy(), ref.pred_masks.numpy()
+    ) >= 0.99 * len(ref)
+
+
+def test_bad_inputs_get_one_line_errors(tmp_path):
+    """Unexportable config, unwritable output, corrupt .onnx, raw graph given to the predictor."""
+    from detectron2.modeling import build_model
+
+    from yolact_d2.export import ExportError, export_model
+    from yolact_d2.runtime import ExportedModelError, ExportedPredictor
+
+    cfg = yolact_cfg("configs/pennfudan/yolact_R_18_FPN_320.yaml", ["MODEL.YOLACT.NMS_TYPE", "cluster"])
+    model = build_model(cfg).eval()
+    image = torch.zeros(64, 80, 3, dtype=torch.uint8)
+    with pytest.raises(ExportError, match="NMS_TYPE 'cluster' cannot be exported.*NMS_TYPE fast") as e:
+        export_model(cfg, model, "e2e", "onnx", str(tmp_path / "m.onnx"), image, ["person"])
+    assert "\n" not in str(e.value)
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(ExportError, match="cannot create the output folder") as e:
+        export_model(cfg, model, "raw", "onnx", str(blocker / "sub" / "m.onnx"), image, ["person"])
+    assert "\n" not in str(e.value)
+    corrupt = tmp_path / "corrupt.onnx"
+    corrupt.write_bytes(b"\x08\x07garbage" * 100)
+    with pytest.raises(ExportedModelError, match="corrupt.onnx is not a readable ONNX model") as e:
+        ExportedPredictor(str(corrupt))
+    assert "\n" not in str(e.value)
+    raw = export_model(cfg, model, "raw", "onnx", str(tmp_path / "raw.onnx"), image, ["person"])
+    with pytest.raises(ExportedModelError, match="raw graph"):
+        ExportedPredictor(raw)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        ExportedPredictor(str(tmp_path / "absent.onnx"))
+    # The command line prints the error as one line and exits 2.
+    run = subprocess.run(
+        [sys.executable, str(REPO / "tools/export_model.py"), "--config-file",
+         str(REPO / "configs/pennfudan/yolact_R_18_FPN_320.yaml"), "--output", str(blocker / "x.onnx"),
+         "MODEL.WEIGHTS", ""], cwd=REPO, capture_output=True, text=True,
+    )
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-1500:]
+    assert run.stderr.strip().splitlines()[-1].startswith("export_model.py: error: cannot create the output folder")

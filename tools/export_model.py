@@ -1,0 +1,90 @@
+#!/usr/bin/env python
+"""Export a YOLACT model to ONNX or TorchScript (see yolact_d2/export.py for the two graphs).
+
+    python tools/export_model.py --config-file configs/yolact_R_50_FPN_550.yaml --format onnx \
+        --graph e2e --output output/export/yolact_R_50_550_e2e.onnx MODEL.WEIGHTS model.pth
+
+Prints one line per file written; a setting or path that cannot be exported is one line on stderr
+(exit 2).
+"""
+import argparse
+import logging
+import os
+import sys
+
+import cv2
+import numpy as np
+import torch
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import get_cfg
+from detectron2.modeling import build_model
+
+from yolact_d2 import add_yolact_config
+from yolact_d2.export import DEFAULT_OPSET, ExportError, export_model
+from yolact_d2.predictor import resolve_metadata
+
+SUFFIX = {"onnx": ".onnx", "torchscript": ".ts"}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config-file", required=True, metavar="FILE")
+    p.add_argument("--format", default="onnx", choices=["onnx", "torchscript"])
+    p.add_argument("--graph", default="e2e", choices=["e2e", "raw", "both"],
+                   help="e2e: uint8 image in, detections out; raw: normalised images in, network tensors out")
+    p.add_argument("--output", default=None,
+                   help="file (one graph) or folder (--graph both); default output/export/<config>_<graph><suffix>")
+    p.add_argument("--sample-image", default=None,
+                   help="image to trace with (default: a 480x640 grey image); other sizes work afterwards")
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset")
+    p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides, e.g. MODEL.WEIGHTS m.pth")
+    return p.parse_args(argv)
+
+
+def load_model(cfg):
+    model = build_model(cfg)
+    if cfg.MODEL.WEIGHTS:
+        if "://" not in cfg.MODEL.WEIGHTS and not os.path.isfile(cfg.MODEL.WEIGHTS):
+            raise FileNotFoundError(f"MODEL.WEIGHTS file {cfg.MODEL.WEIGHTS} not found")
+        DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    else:
+        logging.getLogger("yolact_d2").warning("MODEL.WEIGHTS is empty: exporting random weights")
+    return model.eval()
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    cfg = get_cfg()
+    add_yolact_config(cfg)
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    cfg.MODEL.DEVICE = "cpu"  # traced on the CPU; the graphs themselves are device-free
+    cfg.freeze()
+    if args.sample_image:
+        image = cv2.imread(args.sample_image, cv2.IMREAD_COLOR)
+        if image is None:
+            raise ExportError(f"--sample-image {args.sample_image} cannot be read as an image")
+    else:
+        image = np.full((480, 640, 3), 114, np.uint8)
+    graphs = ["e2e", "raw"] if args.graph == "both" else [args.graph]
+    name = os.path.splitext(os.path.basename(args.config_file))[0]
+    model = load_model(cfg)
+    names = list(resolve_metadata(cfg).thing_classes)[: cfg.MODEL.YOLACT.NUM_CLASSES]
+    for graph in graphs:
+        if args.output and (len(graphs) == 1):
+            out = args.output
+        else:
+            out = os.path.join(args.output or "output/export", f"{name}_{graph}{SUFFIX[args.format]}")
+        export_model(cfg, model, graph, args.format, out, torch.from_numpy(image), names, args.opset)
+        print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (ExportError, FileNotFoundError) as e:
+        print(f"export_model.py: error: {e}", file=sys.stderr)
+        sys.exit(2)

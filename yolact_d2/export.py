@@ -1,0 +1,261 @@
+"""Export YOLACT / YOLACT++ to ONNX and TorchScript: a raw graph and an end-to-end graph.
+
+Two graphs, both traced from the eager model (same weights, same code paths where possible):
+
+* **raw** (:class:`RawGraph`): ``images`` (N, 3, S, S) float32, normalised as the model's
+  ``preprocess_image`` does (S = ``MODEL.YOLACT.INPUT_SIZE``; N is dynamic) ->
+  ``box_deltas`` (N, A, 4) SSD-coded, ``class_scores`` (N, A, C + 1) background last,
+  ``mask_coeffs`` (N, A, k) in [-1, 1], ``prototypes`` (N, h, w, k), ``priors`` (A, 4)
+  (cx, cy, w, h) relative to the input, a constant. Same contract as ``YOLACT.forward_raw``.
+* **end to end** (:class:`EndToEndGraph`): ``image`` (H, W, 3) uint8 BGR, any H and W (as
+  ``cv2.imread`` gives it) -> ``boxes`` (D, 4) float32 XYXY pixels of the input image,
+  ``scores`` (D,) float32 in [0, 1], ``classes`` (D,) int64 0-based, ``masks`` (D, H, W) uint8
+  0/1 pasted on the image, highest score first, D <= ``DETECTIONS_PER_IMAGE``; YOLACT++ with
+  re-scoring adds ``mask_scores`` (D,). Resize, normalisation, box decoding, Fast NMS and mask
+  assembly, crop and paste all run inside the graph: no Python post-processing is needed.
+
+Fast NMS in the graph has fixed shapes: per class the ``NMS_TOP_K`` best priors among ALL priors,
+with the scores of priors that are not candidates (best foreground score <= SCORE_THRESH_TEST)
+set to -1, so that they rank last, suppress nothing that counts and are dropped at the end. This
+gives the eager model's detections (original ``Detect``): an above-threshold candidate is ranked,
+suppressed and cut exactly as there; see :func:`yolact_d2.fast_nms.fast_nms_static`.
+
+Only ``NMS_TYPE: "fast"`` with per-class suppression is exported; other settings raise
+:class:`ExportError`. YOLACT++'s deformable convolutions have no ONNX symbolic in PyTorch's
+exporter and are refused for ONNX (TorchScript traces them).
+"""
+import json
+import logging
+import os
+from typing import Dict, List, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .backbone import ModulatedDeformConv
+from .fast_nms import fast_nms_static
+from .mask_assembly import assemble_masks, crop_masks
+from .priors import priors_to_boxes
+
+__all__ = [
+    "ExportError", "RawGraph", "EndToEndGraph", "export_model", "export_metadata",
+    "RAW_OUTPUTS", "E2E_OUTPUTS", "DEFAULT_OPSET",
+]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_OPSET = 17
+RAW_OUTPUTS = ("box_deltas", "class_scores", "mask_coeffs", "prototypes", "priors")
+E2E_OUTPUTS = ("boxes", "scores", "classes", "masks")
+# ONNX metadata_props / TorchScript extra file carrying what a runtime needs besides the graph.
+METADATA_KEY = "yolact_d2"
+
+
+class ExportError(ValueError):
+    """A model or request that cannot be exported faithfully (the message says why and the fix)."""
+
+
+def _check_exportable(model, graph: str, fmt: str) -> None:
+    if graph not in ("raw", "e2e"):
+        raise ExportError(f"unknown graph {graph!r}; use 'raw' or 'e2e'")
+    if fmt not in ("onnx", "torchscript"):
+        raise ExportError(f"unknown format {fmt!r}; use 'onnx' or 'torchscript'")
+    if graph == "e2e":
+        if model.nms_type != "fast":
+            raise ExportError(
+                f"MODEL.YOLACT.NMS_TYPE {model.nms_type!r} cannot be exported (data-dependent loops); "
+                "export with MODEL.YOLACT.NMS_TYPE fast"
+            )
+        if model.nms_class_agnostic:
+            raise ExportError(
+                "MODEL.YOLACT.NMS_CLASS_AGNOSTIC True is not exported; use MODEL.YOLACT.NMS_CLASS_AGNOSTIC False"
+            )
+    if fmt == "onnx":
+        deformable = [n for n, m in model.named_modules() if isinstance(m, ModulatedDeformConv)]
+        if deformable:
+            raise ExportError(
+                f"this model has deformable convolutions ({deformable[0]}, YOLACT++): PyTorch's ONNX exporter "
+                "has no symbolic for torchvision's deform_conv2d, so no faithful ONNX graph can be made; "
+                "use --format torchscript, or a YOLACT (v1) config"
+            )
+
+
+class RawGraph(nn.Module):
+    """Normalised images in, the network's raw tensors out (see the module docstring).
+
+    Args:
+        model: a YOLACT model in eval mode (weights loaded).
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        s = model.input_size
+        with torch.no_grad():
+            sizes = [tuple(int(v) for v in f.shape[-2:]) for f in self._level_features(s)]
+        self.register_buffer("priors", model.prior_generator(sizes, model.device).clone(), False)
+
+    def _level_features(self, s):
+        x = torch.zeros(1, 3, s, s, device=self.model.device)
+        features = self.model.backbone(x)
+        return [features[f] for f in self.model.in_features]
+
+    def forward(self, images: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        box_deltas, class_logits, mask_coeffs, prototypes, _, _, _ = self.model._network(images)
+        # "+ images[:0].sum()" (adds 0): a graph output must depend on the input for the tracer.
+        return box_deltas, self.model.class_scores(class_logits), mask_coeffs, prototypes, self.priors + images[:0].sum()
+
+
+class EndToEndGraph(nn.Module):
+    """A uint8 BGR image of any size in, final detections out (see the module docstring).
+
+    Args:
+        model: a YOLACT model in eval mode (weights loaded), ``NMS_TYPE`` "fast", per class.
+        input_format: the model's ``INPUT.FORMAT`` ("BGR" or "RGB"); the graph's input is BGR
+            either way and is flipped inside when the model wants RGB.
+    """
+
+    def __init__(self, model, input_format: str = "BGR"):
+        super().__init__()
+        if input_format not in ("BGR", "RGB"):
+            raise ExportError(f"INPUT.FORMAT {input_format!r} cannot be exported; use BGR or RGB")
+        self.raw = RawGraph(model)
+        self.model = model
+        self.flip_channels = input_format == "RGB"
+        self.register_buffer("prior_boxes", priors_to_boxes(self.raw.priors), False)
+
+    def forward(self, image: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        m = self.model
+        height, width = image.shape[0], image.shape[1]
+        x = image.permute(2, 0, 1).float()
+        if self.flip_channels:
+            x = x.flip(0)
+        x = (x - m.pixel_mean) / m.pixel_std
+        # Always resized: at S x S the bilinear resize (half-pixel centres) is the identity, so
+        # this equals the eager model, which skips it there.
+        x = F.interpolate(x[None], size=(m.input_size, m.input_size), mode="bilinear", align_corners=False)
+        box_deltas, class_scores, mask_coeffs, prototypes, _ = self.raw(x)
+        scores = class_scores[0, :, : m.num_classes]
+        candidate = scores.max(dim=1).values > m.score_thresh
+        scores = torch.where(candidate[:, None], scores, torch.full_like(scores, -1.0))
+        boxes = m.box_coder.apply_deltas(box_deltas[0], self.prior_boxes)
+        index, classes, det_scores = fast_nms_static(
+            boxes, scores, m.nms_thresh, m.nms_top_k, m.max_detections
+        )
+        keep = (det_scores >= 0).nonzero()[:, 0]
+        index, classes, det_scores = index[keep], classes[keep], det_scores[keep]
+        boxes = boxes[index]
+        soft = crop_masks(assemble_masks(prototypes[0], mask_coeffs[0][index]), boxes)
+        size = torch.stack([width, height, width, height]).to(boxes.dtype) if torch.is_tensor(width) \
+            else boxes.new_tensor([width, height, width, height])
+        pixel_boxes = boxes * size
+        pixel_boxes = torch.cat(
+            [torch.min(pixel_boxes[:, :2], pixel_boxes[:, 2:]), torch.max(pixel_boxes[:, :2], pixel_boxes[:, 2:])], dim=1
+        )
+        pixel_boxes = torch.min(pixel_boxes.clamp(min=0), size)
+        # One blank mask appended and dropped again: resize refuses an empty batch (no detection).
+        padded = torch.cat([soft, soft.new_zeros((1,) + soft.shape[1:])])
+        up = F.interpolate(padded[None], size=(height, width), mode="bilinear", align_corners=False)[0, :-1]
+        masks = (up > m.mask_threshold).to(torch.uint8)
+        outputs = (pixel_boxes, det_scores, classes, masks)
+        if m.mask_rescoring is not None:
+            outputs += (det_scores * m.mask_rescoring.predict_iou(soft, classes),)
+        return outputs
+
+
+def export_metadata(cfg, model, graph: str, class_names: List[str]) -> Dict:
+    """What a runtime needs besides the graph, stored inside the exported file as JSON.
+
+    Returns:
+        dict with ``graph`` ("raw" / "e2e"), ``input_size`` (S), ``input_format`` (the model's),
+        ``pixel_mean`` / ``pixel_std`` (model's channel order), ``num_classes``, ``class_names``,
+        ``outputs`` (names in order), ``score_thresh``, ``mask_threshold``, ``mask_rescoring``.
+    """
+    outputs = list(RAW_OUTPUTS if graph == "raw" else E2E_OUTPUTS)
+    if graph == "e2e" and model.mask_rescoring is not None:
+        outputs.append("mask_scores")
+    return {
+        "graph": graph,
+        "input_size": int(model.input_size),
+        "input_format": cfg.INPUT.FORMAT,
+        "pixel_mean": [float(v) for v in cfg.MODEL.PIXEL_MEAN],
+        "pixel_std": [float(v) for v in cfg.MODEL.PIXEL_STD],
+        "num_classes": int(model.num_classes),
+        "class_names": list(class_names),
+        "outputs": outputs,
+        "score_thresh": float(model.score_thresh),
+        "mask_threshold": float(model.mask_threshold),
+        "mask_rescoring": model.mask_rescoring is not None,
+    }
+
+
+def _check_output_path(path: str) -> None:
+    folder = os.path.dirname(os.path.abspath(path)) or "."
+    if os.path.isdir(path):
+        raise ExportError(f"--output {path} is a folder; give a file name, e.g. {os.path.join(path, 'model.onnx')}")
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise ExportError(f"cannot create the output folder {folder} ({e.strerror}); choose a writable --output") from e
+    if not os.access(folder, os.W_OK):
+        raise ExportError(f"cannot write to {folder}; choose a writable --output")
+
+
+def export_model(cfg, model, graph: str, fmt: str, output: str, sample_image: torch.Tensor,
+                 class_names: List[str], opset: int = DEFAULT_OPSET) -> str:
+    """Trace ``model`` into ``output`` as an ONNX or TorchScript file.
+
+    Args:
+        cfg: the model's config (INPUT.FORMAT, PIXEL_MEAN/STD are recorded).
+        model: a YOLACT model in eval mode with its weights.
+        graph: "raw" or "e2e" (see the module docstring).
+        fmt: "onnx" or "torchscript".
+        output: file to write (its folder is created).
+        sample_image: (H, W, 3) uint8 BGR image to trace with; the graphs take other sizes too.
+        class_names: NUM_CLASSES names, stored in the file.
+        opset: ONNX opset (17 by default).
+    Returns:
+        ``output``.
+    Raises:
+        ExportError: a setting that cannot be exported, or an output path that cannot be written.
+    """
+    _check_exportable(model, graph, fmt)
+    _check_output_path(output)
+    model = model.eval()
+    wrapper = (RawGraph(model) if graph == "raw" else EndToEndGraph(model, cfg.INPUT.FORMAT)).eval()
+    if graph == "raw":
+        s = model.input_size
+        x = F.interpolate(
+            ((sample_image.permute(2, 0, 1).float()
+              - model.pixel_mean.cpu()) / model.pixel_std.cpu())[None].to(model.device),
+            size=(s, s), mode="bilinear", align_corners=False,
+        )
+        input_names, output_names = ["images"], list(RAW_OUTPUTS)
+        dynamic = {"images": {0: "batch"}, **{n: {0: "batch"} for n in RAW_OUTPUTS[:4]}}
+    else:
+        x = sample_image.to(model.device)
+        input_names = ["image"]
+        output_names = list(E2E_OUTPUTS) + (["mask_scores"] if model.mask_rescoring is not None else [])
+        dynamic = {"image": {0: "height", 1: "width"}, "boxes": {0: "detections"}, "scores": {0: "detections"},
+                   "classes": {0: "detections"}, "masks": {0: "detections", 1: "height", 2: "width"}}
+        if model.mask_rescoring is not None:
+            dynamic["mask_scores"] = {0: "detections"}
+    meta = json.dumps(export_metadata(cfg, model, graph, class_names))
+    with torch.no_grad():
+        if fmt == "onnx":
+            import onnx
+
+            torch.onnx.export(
+                wrapper, (x,), output, input_names=input_names, output_names=output_names,
+                dynamic_axes=dynamic, opset_version=opset, dynamo=False, do_constant_folding=True,
+            )
+            proto = onnx.load(output)
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = METADATA_KEY, meta
+            onnx.save(proto, output)
+        else:
+            traced = torch.jit.trace(wrapper, (x,), check_trace=False)
+            torch.jit.save(traced, output, _extra_files={METADATA_KEY: meta})
+    logger.info(f"exported the {graph} graph as {fmt} to {output}")
+    return output

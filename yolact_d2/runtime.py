@@ -1,0 +1,172 @@
+"""Run an exported end-to-end YOLACT graph (see :mod:`yolact_d2.export`) and get detectron2 outputs.
+
+:class:`ExportedPredictor` takes BGR numpy images like :class:`~yolact_d2.predictor.YolactPredictor`
+and returns the same ``{"instances": Instances}``; called with detectron2's list of input dicts it
+behaves as a model, so ``inference_on_dataset`` and the COCO evaluator run on it unchanged::
+
+    predictor = ExportedPredictor("model_e2e.onnx")              # onnxruntime, 2 threads
+    instances = predictor(cv2.imread("input.jpg"))["instances"]
+
+Runtimes: "onnxruntime" (CPU execution provider) for ``.onnx`` files and "torchscript" for
+``.ts`` / ``.pt`` files. The class names, input format and thresholds come from the file itself.
+"""
+import json
+import logging
+import os
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from detectron2.structures import Boxes, Instances
+
+from .export import METADATA_KEY
+from .predictor import _as_bgr, _one_line
+
+__all__ = ["ExportedPredictor", "ExportedModelError", "runtime_for"]
+
+logger = logging.getLogger(__name__)
+
+
+class ExportedModelError(ValueError):
+    """An exported file that cannot be used (the message names the file and the fix)."""
+
+
+def runtime_for(path: str) -> str:
+    """The runtime that reads ``path``: "onnxruntime" for ``.onnx``, "torchscript" for ``.ts``/``.pt``.
+
+    Raises:
+        ExportedModelError: any other suffix.
+    """
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix == ".onnx":
+        return "onnxruntime"
+    if suffix in (".ts", ".pt", ".torchscript"):
+        return "torchscript"
+    raise ExportedModelError(
+        f"{path}: unknown exported-model suffix {suffix!r}; use a .onnx or .ts file from tools/export_model.py"
+    )
+
+
+class ExportedPredictor:
+    """Detections from an exported end-to-end graph, as detectron2 ``Instances``.
+
+    Args:
+        path: a ``.onnx`` or ``.ts`` file written by ``tools/export_model.py --graph e2e``.
+        threads: intra-op threads of the runtime (onnxruntime ``intra_op_num_threads``,
+            ``torch.set_num_threads`` for TorchScript); None keeps the runtime's default.
+        runtime: "auto" (by suffix, :func:`runtime_for`), "onnxruntime" or "torchscript".
+
+    Attributes:
+        metadata: dict stored in the file (:func:`yolact_d2.export.export_metadata`):
+            ``class_names``, ``input_format``, ``input_size``, ``outputs``, thresholds.
+        runtime: the runtime in use.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ExportedModelError: the file cannot be read by the runtime (corrupt, truncated, not a
+            model), lacks yolact-d2's metadata, or holds the raw graph.
+    """
+
+    def __init__(self, path: str, threads: Optional[int] = 2, runtime: str = "auto"):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"exported model {path} not found (make one with tools/export_model.py)")
+        self.path = path
+        self.runtime = runtime_for(path) if runtime == "auto" else runtime
+        fix = "re-export it with tools/export_model.py --graph e2e"
+        if self.runtime == "onnxruntime":
+            import onnxruntime as ort
+
+            options = ort.SessionOptions()
+            if threads:
+                options.intra_op_num_threads = threads
+            try:
+                self._session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+            except Exception as e:  # onnxruntime raises its own Fail / InvalidProtobuf types
+                raise ExportedModelError(
+                    f"{path} is not a readable ONNX model ({type(e).__name__}: {_one_line(e, 150)}); {fix}"
+                ) from e
+            meta = self._session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
+            self._input_name = self._session.get_inputs()[0].name
+        elif self.runtime == "torchscript":
+            extra = {METADATA_KEY: ""}
+            try:
+                self._module = torch.jit.load(path, map_location="cpu", _extra_files=extra)
+            except Exception as e:  # torch.jit raises RuntimeError / ValueError for a bad archive
+                raise ExportedModelError(
+                    f"{path} is not a readable TorchScript model ({type(e).__name__}: {_one_line(e, 150)}); {fix}"
+                ) from e
+            self._module.eval()
+            meta = extra[METADATA_KEY] or None
+            if threads:
+                torch.set_num_threads(threads)
+        else:
+            raise ExportedModelError(f"unknown runtime {runtime!r}; use 'auto', 'onnxruntime' or 'torchscript'")
+        if not meta:
+            raise ExportedModelError(f"{path} has no yolact-d2 metadata (not made by tools/export_model.py); {fix}")
+        self.metadata = json.loads(meta)
+        if self.metadata["graph"] != "e2e":
+            raise ExportedModelError(f"{path} holds the raw graph (network outputs only); {fix}")
+        self.class_names: List[str] = list(self.metadata["class_names"])
+
+    def run(self, image_bgr: np.ndarray) -> Dict[str, np.ndarray]:
+        """The graph's outputs for one (H, W, 3) uint8 BGR image, by name (see the export docstring)."""
+        image_bgr = np.ascontiguousarray(image_bgr)
+        if self.runtime == "onnxruntime":
+            outputs = self._session.run(None, {self._input_name: image_bgr})
+        else:
+            with torch.inference_mode():
+                outputs = [t.numpy() for t in self._module(torch.from_numpy(image_bgr))]
+        return dict(zip(self.metadata["outputs"], outputs))
+
+    def _instances(self, out: Dict[str, np.ndarray], height: int, width: int) -> Instances:
+        result = Instances((height, width))
+        result.pred_boxes = Boxes(torch.from_numpy(out["boxes"]))
+        result.scores = torch.from_numpy(out["scores"])
+        result.pred_classes = torch.from_numpy(out["classes"]).long()
+        result.pred_masks = torch.from_numpy(out["masks"].view(np.bool_))  # 0/1 uint8: a free view
+        if "mask_scores" in out:
+            result.mask_scores = torch.from_numpy(out["mask_scores"])
+        return result
+
+    def __call__(self, image):
+        """One BGR numpy image -> ``{"instances": Instances}``, as ``YolactPredictor``; a list of
+        detectron2 input dicts -> a list of them, as a model (for ``inference_on_dataset``).
+
+        Raises:
+            TypeError, ValueError: an image ``YolactPredictor`` refuses too; a detectron2 input
+                whose ``height``/``width`` differ from its image (exported graphs answer at the
+                input's size: set ``INPUT.MIN_SIZE_TEST 0``).
+        """
+        if isinstance(image, (list, tuple)):
+            return self.predict_inputs(image)
+        image = _as_bgr(image)
+        return {"instances": self._instances(self.run(image), image.shape[0], image.shape[1])}
+
+    def predict_inputs(self, batched_inputs: Sequence[Dict]) -> List[Dict[str, Instances]]:
+        """detectron2 model interface: ``image`` (3, H, W) uint8 tensors in the model's INPUT.FORMAT."""
+        results = []
+        for x in batched_inputs:
+            image = x["image"].permute(1, 2, 0).cpu().numpy()
+            if self.metadata["input_format"] == "RGB":
+                image = image[:, :, ::-1]
+            h, w = image.shape[:2]
+            if (int(x.get("height", h)), int(x.get("width", w))) != (h, w):
+                raise ValueError(
+                    f"{x.get('file_name', 'an input')}: the data loader resized the image to {w}x{h} but the "
+                    f"output size is {x.get('width')}x{x.get('height')}; exported graphs answer at their input's "
+                    "size, set INPUT.MIN_SIZE_TEST 0"
+                )
+            if image.dtype != np.uint8:
+                image = np.clip(image, 0, 255).astype(np.uint8)
+            results.append({"instances": self._instances(self.run(image), h, w)})
+        return results
+
+    # detectron2's inference_on_dataset calls model.eval()/train() through inference_context.
+    training = False
+
+    def eval(self):
+        return self
+
+    def train(self, mode: bool = True):
+        return self
