@@ -204,3 +204,42 @@ def test_bad_input_is_one_line_naming_the_fix(args, expected, tmp_path):
     assert len(errors) == 1 and re.search(expected, errors[0]), proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == errors[0]
     assert "Traceback" not in proc.stderr
+
+
+def test_exported_graph_gets_its_own_evaluated_and_timed_row(run, tmp_path):
+    """--exported: the YOLACT checkpoint of the tiny run exported end to end (ONNX) is evaluated by
+    the same evaluator and timed on the same photos; its AP is the eager model's (the graph gives
+    the same detections). Skipped where the export support or onnxruntime is absent."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("yolact_d2.runtime")
+    from yolact_d2.compare import parse_markdown_table
+
+    _, out = _ok(run)
+    _, _, _, val = run
+    onnx = tmp_path / "yolact_e2e.onnx"
+    proc = subprocess.run(
+        [sys.executable, "tools/export_model.py", "--config-file", "configs/pennfudan/yolact_R_18_FPN_320.yaml",
+         "--format", "onnx", "--graph", "e2e", "--output", str(onnx),
+         "MODEL.WEIGHTS", str(out / "yolact" / "train" / "model_final.pth"), "MODEL.YOLACT.INPUT_SIZE", "160",
+         "MODEL.DEVICE", "cpu"],
+        cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out2 = tmp_path / "out"
+    proc = _tool("--yolact-weights", out / "yolact" / "train", "--mask-rcnn-weights", out / "mask_rcnn" / "train",
+                 "--exported", onnx, "--val-json", val, "--val-images", DATA / "pennfudan" / "images",
+                 "--num-images", 2, "--vis-images", 1, "--threads", 1, "--output-dir", out2,
+                 "--yolact-opts", "MODEL.YOLACT.INPUT_SIZE", 160,
+                 "--mask-rcnn-opts", "INPUT.MIN_SIZE_TEST", 160, "INPUT.MAX_SIZE_TEST", 200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out2 / "report.json").read_text())
+    row = next(m for m in report["models"] if m["key"] == "exported")
+    eager = _trainer_log_ap(out / "yolact" / "train" / "log.txt")
+    for task in ("bbox", "segm"):
+        for name, value in zip(("AP", "AP50", "AP75", "APs", "APm", "APl"), eager[task]):
+            assert _same(row["eval"][task][name], value, 0.5), (task, name)
+    timing = json.loads((out2 / "timing_exported.json").read_text())
+    bench = json.loads((out2 / "timing.json").read_text())
+    assert sorted(timing["images"]) == sorted(bench["meta"]["images"])  # the same photos
+    table = {r["model"]: r for r in parse_markdown_table((out2 / "report.md").read_text())}
+    assert float(table[row["label"]]["ms/image"]) == pytest.approx(timing["end_to_end_per_image_ms"], abs=0.05 + 1e-9)
+    assert timing["end_to_end"]["n"] == 2

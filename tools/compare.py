@@ -44,9 +44,12 @@ def parse_args(argv=None):
     p.add_argument("--vis-images", type=int, default=3, help="val photos drawn")
     p.add_argument("--score-thresh", type=float, default=0.5, help="score above which predictions are drawn")
     p.add_argument("--threads", type=int, default=2, help="torch threads of the evaluation and timing")
+    p.add_argument("--exported", metavar="FILE",
+                   help="end-to-end graph of the YOLACT model (.onnx / .ts from tools/export_model.py --graph e2e): "
+                        "evaluated and timed as one more row; skipped where yolact_d2.runtime is absent")
     p.add_argument("--benchmark-args", default="",
-                   help="extra tools/benchmark.py arguments, one quoted string (e.g. an exported runtime "
-                        "once the benchmark supports it); its extra runtimes get timing-only rows")
+                   help="extra tools/benchmark.py arguments, one quoted string; runtimes it times besides "
+                        "the models get timing-only rows")
     p.add_argument("--from-report", help="use this report.json instead of running (with --readme-table / --update-readme)")
     p.add_argument("--readme-table", action="store_true", help="print the README's Markdown block")
     p.add_argument("--update-readme", metavar="README", help="write the block between <!-- compare:begin/end --> of this file")
@@ -79,7 +82,7 @@ def main(argv=None):
             command = shlex.join(["python", "tools/compare.py", *(sys.argv[1:] if argv is None else argv)])
             report = C.run_comparison(specs, data, args.output_dir, args.iters, args.opts, args.num_images,
                                       args.vis_images, args.score_thresh, args.threads,
-                                      shlex.split(args.benchmark_args), command)
+                                      shlex.split(args.benchmark_args), command, args.exported)
         block = C.readme_block(report)
         if args.readme_table:
             print(block)

@@ -391,6 +391,77 @@ def time_models(specs: List[ModelSpec], weights: Dict[str, str], images: Path, n
     return out
 
 
+def load_exported(path: str, threads: int):
+    """``yolact_d2.runtime.ExportedPredictor`` of an end-to-end graph from ``tools/export_model.py``,
+    or None (with the reason printed) when this checkout or environment has no runtime for it.
+
+    Raises:
+        CompareError: the file is missing or not a usable export (the runtime's message).
+    """
+    try:
+        from yolact_d2.runtime import ExportedPredictor
+    except ImportError as e:  # export support or onnxruntime absent: the comparison goes on without it
+        print(f"[compare] --exported {path} skipped: no exported-model runtime here ({e})", flush=True)
+        return None
+    try:
+        return ExportedPredictor(path, threads=threads)
+    except (FileNotFoundError, ValueError, ImportError) as e:
+        raise CompareError(f"--exported {path}: {e}") from None
+
+
+def evaluate_exported(predictor, yolact: ModelSpec, out_dir: Path, common_opts: Sequence[str]) -> Dict:
+    """COCO AP of an exported graph on the val split registered by :func:`evaluate`: train_net's
+    ``Trainer.test`` (``inference_on_dataset`` + ``YolactCOCOEvaluator``) with the predictor as
+    the model and YOLACT's config for the data loader, without a test resize (the graph resizes).
+
+    Returns:
+        {"results": evaluator dict as in :func:`evaluate`, "seconds": wall time}; also written to
+        ``out_dir/eval_results.json``.
+    """
+    from yolact_d2.data.custom import TEST_NAME
+
+    tn = _train_net()
+    cfg = load_cfg(yolact.config, list(common_opts) + yolact.opts + [
+        "DATASETS.TEST", f"('{TEST_NAME}',)", "INPUT.MIN_SIZE_TEST", "0", "OUTPUT_DIR", str(out_dir), "MODEL.DEVICE", "cpu"])
+    print(f"[compare] evaluating the exported {predictor.path} ({predictor.runtime})", flush=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    results = tn.Trainer.test(cfg, predictor)
+    seconds = time.perf_counter() - start
+    results = {task: {k: float(v) for k, v in metrics.items()} for task, metrics in results.items()}
+    with open(out_dir / "eval_results.json", "w") as f:
+        json.dump(results, f, indent=1)
+    return {"results": results, "seconds": seconds, "results_json": str(out_dir / "eval_results.json")}
+
+
+def time_exported(predictor, image_files: Sequence[str], json_path: Path) -> Dict:
+    """End-to-end latency of an exported graph on the same photos as :func:`time_models`: one
+    warm-up call, then one timed ``predictor(bgr)`` per photo (decoded BGR in, Instances out),
+    summarised by tools/benchmark.py's ``summarize`` (ms). Written to ``json_path``.
+
+    Returns:
+        {"label", "end_to_end" (summary), "end_to_end_per_image_ms", "images_per_s", "timing_json"}.
+    """
+    import cv2
+
+    bench = _load_tool("benchmark")
+    images = [cv2.imread(str(f), cv2.IMREAD_COLOR) for f in image_files]
+    predictor(images[0])  # warm-up: session / graph optimisation on the first call
+    samples = []
+    for i, im in enumerate(images, 1):
+        start = time.perf_counter()
+        predictor(im)
+        samples.append(time.perf_counter() - start)
+        print(f"[compare] timing the exported graph: {i}/{len(images)} photos", flush=True)
+    e2e = bench.summarize(samples)
+    out = {"label": f"YOLACT ({predictor.runtime})", "path": predictor.path, "end_to_end": e2e,
+           "end_to_end_per_image_ms": e2e["median_ms"], "images_per_s": 1000.0 / e2e["median_ms"],
+           "images": [os.path.basename(str(f)) for f in image_files], "timing_json": str(json_path)}
+    with open(json_path, "w") as f:
+        json.dump(out, f, indent=1)
+    return out
+
+
 def draw_predictions(specs: List[ModelSpec], weights: Dict[str, str], n: int, score_thresh: float,
                      num_classes: int, out_png: Path) -> Dict:
     """One PNG: each model's val predictions (score > ``score_thresh``) on the same first ``n``
@@ -517,6 +588,17 @@ def readme_block(report: Dict) -> str:
             f"`{_rel(report['dataset']['val_json'])}`; timing: {report['timing']['num_images']} of them, batch 1.")
 
 
+def _notes(report: Dict) -> List[str]:
+    keys = [r["key"] for r in report["models"]]
+    notes = ["YOLACT and Mask R-CNN were timed interleaved photo by photo (tools/benchmark.py --vs)."]
+    if "yolact_plus" in keys:
+        notes.append("YOLACT++ was timed in a second tools/benchmark.py run in the same process, after them.")
+    if "exported" in keys:
+        notes.append("The exported graph was evaluated with the same evaluator and timed on the same photos "
+                     "after the others (one call per photo); it is not in the pictures.")
+    return notes
+
+
 def render_markdown(report: Dict) -> str:
     """The whole ``report.md``."""
     env, out = report["environment"], Path(report["output_dir"])
@@ -528,6 +610,7 @@ def render_markdown(report: Dict) -> str:
         f"speed: end-to-end median (decoded BGR photo -> Instances), {report['timing']['num_images']} val photos, "
         f"batch 1, all models in one process.", "",
         markdown_table(report), "",
+        *[f"- {note}" for note in _notes(report)], "",
         f"![speed vs accuracy]({rel(report['files']['speed_accuracy_png'])})", "",
         f"Predictions on the same val photos (score > {report['pictures']['score_thresh']}), one row per model:", "",
         f"![predictions]({rel(report['files']['predictions_png'])})", "",
@@ -571,7 +654,7 @@ def _budget(spec: ModelSpec, trained: Optional[Dict], weights: str) -> str:
 def run_comparison(specs: List[ModelSpec], data: Dataset, out_dir: str, iters: Optional[int] = None,
                    common_opts: Sequence[str] = (), num_images: int = 8, vis_images: int = 3,
                    score_thresh: float = 0.5, threads: int = 2, benchmark_args: Sequence[str] = (),
-                   command: str = "") -> Dict:
+                   command: str = "", exported: Optional[str] = None) -> Dict:
     """Train (where no weights are given), evaluate, time and draw ``specs`` on ``data``, then write
     ``out_dir/report.md`` and ``out_dir/report.json``.
 
@@ -580,8 +663,11 @@ def run_comparison(specs: List[ModelSpec], data: Dataset, out_dir: str, iters: O
         iters: training budget for every model trained here (None: each config's MAX_ITER).
         common_opts: KEY VALUE overrides for every model (training and evaluation; e.g. batch size).
         num_images: val photos timed (the first ones of the val JSON); vis_images: photos drawn.
-        benchmark_args: extra tools/benchmark.py arguments (e.g. an exported runtime when it
-            supports one); the runtimes it adds get timing-only rows.
+        benchmark_args: extra tools/benchmark.py arguments; runtimes it times besides the
+            models get timing-only rows.
+        exported: an end-to-end graph of the YOLACT model from ``tools/export_model.py`` (.onnx or
+            .ts): evaluated and timed on the same photos as one more row (no picture); skipped
+            with a message where ``yolact_d2.runtime`` cannot be imported.
 
     Returns:
         The report dict (also ``report.json``).
@@ -603,6 +689,7 @@ def run_comparison(specs: List[ModelSpec], data: Dataset, out_dir: str, iters: O
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(threads)
+    predictor = load_exported(exported, threads) if exported else None
     env = environment(threads)
     n_classes = data.num_classes()
 
@@ -623,6 +710,18 @@ def run_comparison(specs: List[ModelSpec], data: Dataset, out_dir: str, iters: O
     timing = time_models(specs, weights, out / "timing_images", num_images, threads, n_classes,
                          out / "timing.json", eta, benchmark_args)
     pictures = draw_predictions(specs, weights, vis_images, score_thresh, n_classes, out / "predictions.png")
+    exported_row = None
+    if predictor is not None:
+        yolact = next(s for s in specs if s.key == "yolact")
+        ev = evaluate_exported(predictor, yolact, out / "exported" / "eval", common_opts)
+        t = time_exported(predictor, sorted((out / "timing_images").iterdir()), out / "timing_exported.json")
+        exported_row = {
+            "key": "exported", "label": t["label"], "config": _rel(yolact.config), "opts": list(common_opts) + yolact.opts,
+            "weights": predictor.path, "budget": "export of the YOLACT row", "train_command": None,
+            "train_seconds": None, "eval_command": f"(in process) Trainer.test(cfg, ExportedPredictor({_rel(predictor.path)!r}))",
+            "eval_results_json": ev["results_json"], "eval": ev["results"],
+            "ms_per_image": t["end_to_end_per_image_ms"], "images_per_s": t["images_per_s"], "timing_json": t["timing_json"],
+        }
 
     rows = []
     for s in specs:
@@ -637,6 +736,8 @@ def run_comparison(specs: List[ModelSpec], data: Dataset, out_dir: str, iters: O
             "ms_per_image": t["end_to_end_per_image_ms"], "images_per_s": t["images_per_s"],
             "timing_json": t["timing_json"],
         })
+    if exported_row:
+        rows.append(exported_row)
     timed_only = [{"label": m["label"], "ms_per_image": m["end_to_end_per_image_ms"], "images_per_s": m["images_per_s"],
                    "timing_json": m["timing_json"]} for m in timing["extra"]]
     env["loadavg_end"] = list(os.getloadavg())
