@@ -170,3 +170,60 @@ def detect(sd, raw, height, width, conf_thresh=0.05, nms_thresh=0.5, top_k=200, 
     bx = torch.min(bx.clamp(min=0), torch.tensor([width, height, width, height]).float())
     result["boxes"] = bx.long()
     return result
+
+
+def original_v1_layout(depth=50, num_classes=80, num_prototypes=32, aspect_ratios=3):
+    """Key -> (shape, dtype) of an original YOLACT v1 ResNet checkpoint (yolact_resnet50_config /
+    yolact_base_config), from the original architecture: torchvision-style bottleneck ResNet
+    (``backbone.layers.{stage}.{block}``), FPN with 3 lateral, 3 prediction and 2 downsample convs,
+    proto_net (4 3x3 convs, upsample, 3x3, 1x1 to k), one shared prediction layer with A priors
+    per location, semantic segmentation conv. Lets a fresh clone (no ../shared, hence no
+    original_checkpoint_layout.tsv) build an original-layout checkpoint; tests compare it with the
+    TSV where that is present."""
+    blocks = {50: [3, 4, 6, 3], 101: [3, 4, 23, 3]}[depth]
+    f32, i64 = torch.float32, torch.int64
+    layout = {}
+
+    def conv(p, out_c, in_c, k, bias=False):
+        layout[p + ".weight"] = ((out_c, in_c, k, k), f32)
+        if bias:
+            layout[p + ".bias"] = ((out_c,), f32)
+
+    def bn(p, c):
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            layout[f"{p}.{name}"] = ((c,), f32)
+        layout[p + ".num_batches_tracked"] = ((), i64)
+
+    conv("backbone.conv1", 64, 3, 7)
+    bn("backbone.bn1", 64)
+    in_c = 64
+    for stage, n in enumerate(blocks):
+        width = 64 * 2 ** stage
+        for b in range(n):
+            p = f"backbone.layers.{stage}.{b}"
+            conv(p + ".conv1", width, in_c, 1)
+            bn(p + ".bn1", width)
+            conv(p + ".conv2", width, width, 3)
+            bn(p + ".bn2", width)
+            conv(p + ".conv3", 4 * width, width, 1)
+            bn(p + ".bn3", 4 * width)
+            if b == 0:
+                conv(p + ".downsample.0", 4 * width, in_c, 1)
+                bn(p + ".downsample.1", 4 * width)
+            in_c = 4 * width
+    for i in (0, 2, 4, 8):
+        conv(f"proto_net.{i}", 256, 256, 3, bias=True)
+    conv("proto_net.10", num_prototypes, 256, 1, bias=True)
+    for i, c in enumerate((2048, 1024, 512)):
+        conv(f"fpn.lat_layers.{i}", 256, c, 1, bias=True)
+    for i in range(3):
+        conv(f"fpn.pred_layers.{i}", 256, 256, 3, bias=True)
+    for i in range(2):
+        conv(f"fpn.downsample_layers.{i}", 256, 256, 3, bias=True)
+    p = "prediction_layers.0"
+    conv(p + ".upfeature.0", 256, 256, 3, bias=True)
+    conv(p + ".bbox_layer", 4 * aspect_ratios, 256, 3, bias=True)
+    conv(p + ".conf_layer", (num_classes + 1) * aspect_ratios, 256, 3, bias=True)
+    conv(p + ".mask_layer", num_prototypes * aspect_ratios, 256, 3, bias=True)
+    conv("semantic_seg_conv", num_classes, 256, 1, bias=True)
+    return layout

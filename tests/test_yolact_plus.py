@@ -43,12 +43,12 @@ def real_image_550():
     return x, rgb, (x - mean) / std
 
 
-def synthetic_original_checkpoint(config_name, image):
-    """Random weights in the original layout of ``config_name``, scaled so that activations stay
-    O(1), offsets are a fraction of a pixel (larger ones make float32 itself drift past 1e-4 from
-    float64 in this random network), and class scores and masks are decisive; BatchNorm calibrated
-    on ``image``."""
-    sd = original_layout(config_name)
+def synthetic_original_checkpoint(config_name, image, sd=None):
+    """Random weights in the original layout of ``config_name`` (or of the state dict ``sd``),
+    scaled so that activations stay O(1), offsets are a fraction of a pixel (larger ones make
+    float32 itself drift past 1e-4 from float64 in this random network), and class scores and
+    masks are decisive; BatchNorm calibrated on ``image``."""
+    sd = original_layout(config_name) if sd is None else sd
     g = torch.Generator().manual_seed(1)
     for k, v in sd.items():
         if not v.is_floating_point():
