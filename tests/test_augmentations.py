@@ -6,7 +6,6 @@ are used too; tests needing them are skipped otherwise.
 """
 import colorsys
 import copy
-from pathlib import Path
 
 import cv2
 import imgviz
@@ -20,6 +19,7 @@ from detectron2.config import get_cfg
 from detectron2.data.detection_utils import polygons_to_bitmask
 from detectron2.structures import BitMasks, BoxMode, Boxes, PolygonMasks
 
+from conftest import DATA
 from yolact_d2.config import add_yolact_config
 from yolact_d2.data import (
     ExpandTransform,
@@ -31,7 +31,7 @@ from yolact_d2.data import (
     build_yolact_train_augmentation,
 )
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SHARED_DATA = DATA  # ../shared/data, or $YOLACT_D2_SHARED/data
 PIXEL_MEAN = [123.68, 116.78, 103.94]  # RGB
 SIZE = 550
 

@@ -21,6 +21,7 @@ from PIL import Image
 
 from detectron2.config import get_cfg
 
+from conftest import REFERENCE as SHARED_REFERENCE
 from yolact_d2 import add_yolact_config
 from yolact_d2.checkpoint import CheckpointLayoutError
 from yolact_d2.predictor import YolactPredictor
@@ -28,7 +29,7 @@ from yolact_d2.predictor import YolactPredictor
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "demo" / "demo.py"
 CONFIG = REPO / "configs" / "yolact_R_50_FPN_550.yaml"
-REFERENCE = REPO.parent / "shared" / "reference" / "yolact_resnet50_seed1.pth"
+REFERENCE = SHARED_REFERENCE / "yolact_resnet50_seed1.pth"
 FAST_OPTS = ["MODEL.YOLACT.INPUT_SIZE", "160", "MODEL.DEVICE", "cpu", "MODEL.YOLACT.DETECTIONS_PER_IMAGE", "5"]
 
 

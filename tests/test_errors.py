@@ -64,6 +64,8 @@ def runs(tmp_path_factory):
                                      str(d / "absent.pth"), "OUTPUT_DIR", str(d / "w")]
     jobs["train_bad_config_value"] = [sys.executable, *train, *evaluate, "MODEL.YOLACT.NMS_TYPE", "bogus",
                                       "OUTPUT_DIR", str(d / "c")]
+    jobs["train_unknown_test_dataset"] = [sys.executable, *train, *SMALL, "DATASETS.TEST", "('no_such_set',)",
+                                          "MODEL.WEIGHTS", "", "OUTPUT_DIR", str(d / "u")]
     jobs["demo_bad_config_value"] = [sys.executable, str(REPO / "demo/demo.py"), *demo_args, "MODEL.YOLACT.NMS_TYPE",
                                      "bogus"]
 
@@ -90,6 +92,7 @@ def test_internal_error_keeps_its_traceback(runs, name):
     ("train_missing_weights", "absent.pth not found"),
     ("train_bad_config_value", "MODEL.YOLACT.NMS_TYPE is 'bogus'"),
     ("demo_bad_config_value", "MODEL.YOLACT.NMS_TYPE is 'bogus'"),
+    ("train_unknown_test_dataset", "dataset 'no_such_set' (DATASETS.TEST) is not registered"),
 ])
 def test_user_mistake_is_one_line(runs, name, expected):
     proc = runs[name]
