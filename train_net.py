@@ -12,6 +12,8 @@ LR schedule, checkpointing (--resume), TensorBoard/metrics.json writers, DDP thr
 """
 import os
 
+import torch
+
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_train_loader, get_detection_dataset_dicts
@@ -30,18 +32,26 @@ from yolact_d2.device import cpu_sync_batch_norm, ddp_on_cpu, resolve_device
 from yolact_d2.diagnostics import log_dataset_prior_coverage, warn_small_batch_norm
 from yolact_d2.errors import ConfigError, DatasetError, MissingFileError, YolactUserError
 from yolact_d2.evaluation import YolactCOCOEvaluator
+from yolact_d2.runtime import ExportedPredictor
 
 
 def checked_dataset_dicts(cfg, names):
     """Dataset dicts of ``names``, checked before training starts.
 
     Raises:
+        DatasetError: an unregistered dataset name (the message lists the registered ones).
         MissingFileError: an image listed in the annotations but absent, named.
         DatasetError: masks the mask format cannot hold (``check_annotations``), a class count or
             class id that does not fit the model's NUM_CLASSES (``check_dataset_classes``),
             naming the image, or no usable instance at all (``drop_degenerate_annotations``,
             which also drops and counts degenerate instances).
     """
+    unknown = [n for n in names if n not in DatasetCatalog.list()]
+    if unknown:
+        raise DatasetError(
+            f"dataset {unknown[0]!r} (DATASETS.TRAIN) is not registered; use a registered name "
+            "(e.g. pennfudan_train, coco_2017_train) or give --train-json / --train-images"
+        )
     dicts = get_detection_dataset_dicts(names, filter_empty=False, min_keypoints=0, proposal_files=None)
     if cfg.MODEL.MASK_ON:
         dicts = drop_degenerate_annotations(dicts, names)
@@ -62,18 +72,6 @@ def checked_dataset_dicts(cfg, names):
     thing_classes = MetadataCatalog.get(names[0]).get("thing_classes", None)
     check_dataset_classes(dicts, names, thing_classes, num_classes, key)
     return dicts
-
-
-def check_datasets_registered(cfg) -> None:
-    """Raise DatasetError naming the first name of DATASETS.TRAIN / TEST that is not registered."""
-    for key in ("TRAIN", "TEST"):
-        unknown = [n for n in getattr(cfg.DATASETS, key) if n not in DatasetCatalog.list()]
-        if unknown:
-            split, flags = ("train", "--train-json / --train-images") if key == "TRAIN" else ("val", "--val-json / --val-images")
-            raise DatasetError(
-                f"dataset {unknown[0]!r} (DATASETS.{key}) is not registered; use a registered name "
-                f"(e.g. pennfudan_{split}, coco_2017_{split}) or give {flags}"
-            )
 
 
 class Trainer(DefaultTrainer):
@@ -123,7 +121,6 @@ def setup(args):
     cfg.freeze()
     default_setup(cfg, args)
     register_builtin_datasets()
-    check_datasets_registered(cfg)
     return cfg
 
 
@@ -143,8 +140,13 @@ def main(args):
     # else is a bug and keeps its traceback.
     try:
         cfg = setup(args)
-        check_weights(cfg, args.resume)
-        if args.eval_only:
+        if args.exported and not args.eval_only:
+            raise ConfigError("--exported evaluates an exported model; add --eval-only")
+        if not args.exported:
+            check_weights(cfg, args.resume)
+        if args.eval_only and args.exported:  # the exported graph is evaluated, not MODEL.WEIGHTS
+            model = ExportedPredictor(args.exported, threads=torch.get_num_threads())
+        elif args.eval_only:
             model = Trainer.build_model(cfg)
             DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         else:
@@ -169,6 +171,10 @@ def argument_parser():
     parser.add_argument(
         "--device", help="run on this device (sets MODEL.DEVICE), failing if it is absent; without it a "
         "CUDA MODEL.DEVICE falls back to the CPU with a warning when there is no GPU",
+    )
+    parser.add_argument(
+        "--exported", metavar="FILE", help="with --eval-only: evaluate this exported end-to-end graph "
+        "(tools/export_model.py; .onnx through onnxruntime, .ts through TorchScript) instead of MODEL.WEIGHTS",
     )
     return parser
 

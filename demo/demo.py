@@ -63,6 +63,11 @@ def get_parser() -> argparse.ArgumentParser:
         "Without it a CUDA MODEL.DEVICE falls back to the CPU with a warning on a machine without a GPU",
     )
     parser.add_argument(
+        "--exported", "--onnx", metavar="FILE",
+        help="run an exported end-to-end graph (tools/export_model.py: .onnx via onnxruntime, .ts via "
+        "TorchScript) instead of building the config's model; class names come from the file",
+    )
+    parser.add_argument(
         "--opts", default=[], nargs=argparse.REMAINDER,
         help="config overrides as KEY VALUE pairs, e.g. MODEL.WEIGHTS model.pth MODEL.DEVICE cpu",
     )
@@ -302,7 +307,7 @@ def main(argv=None) -> int:
         raise DemoError("give exactly one of --input, --video-input or --webcam")
     if not 0.0 <= args.confidence_threshold <= 1.0:
         raise DemoError(f"--confidence-threshold {args.confidence_threshold} is outside [0, 1]")
-    cfg_path = config_path(args)
+    cfg_path = config_path(args) if not args.exported else None
 
     # Every input is checked before the slow imports and model build, so a bad file fails fast.
     cap = first_frame = None
@@ -322,7 +327,7 @@ def main(argv=None) -> int:
     setup_logger(name="yolact_d2")
     logger = setup_logger()
     logger.info("Arguments: " + str(args))
-    cfg = setup_cfg(cfg_path, args.opts, args.device)
+    cfg = setup_cfg(cfg_path, args.opts, args.device) if not args.exported else None
 
     from predictor import VisualizationDemo  # demo/predictor.py, next to this file
     from yolact_d2.checkpoint import CheckpointLayoutError
@@ -330,7 +335,10 @@ def main(argv=None) -> int:
 
     # The user's mistakes are one line; any other error is a bug and keeps its traceback.
     try:
-        demo = VisualizationDemo(cfg, confidence_threshold=args.confidence_threshold)
+        if args.exported:
+            demo = VisualizationDemo.from_exported(args.exported, confidence_threshold=args.confidence_threshold)
+        else:
+            demo = VisualizationDemo(cfg, confidence_threshold=args.confidence_threshold)
     except CheckpointLayoutError as e:
         raise DemoError(f"MODEL.WEIGHTS {_line(e)}") from None
     except ConfigError as e:  # a config value the model rejects (e.g. NMS_TYPE)

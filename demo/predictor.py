@@ -28,6 +28,20 @@ class VisualizationDemo:
         self.metadata = resolve_metadata(cfg)
         self.confidence_threshold = confidence_threshold
 
+    @classmethod
+    def from_exported(cls, path: str, confidence_threshold: float = 0.3) -> "VisualizationDemo":
+        """The demo on an exported end-to-end graph (:class:`yolact_d2.runtime.ExportedPredictor`);
+        class names come from the file. Raises what ``ExportedPredictor`` raises."""
+        from detectron2.data.catalog import Metadata
+
+        from yolact_d2.runtime import ExportedPredictor
+
+        demo = cls.__new__(cls)
+        demo.predictor = ExportedPredictor(path)
+        demo.metadata = Metadata(name=f"exported:{path}", thing_classes=demo.predictor.class_names)
+        demo.confidence_threshold = confidence_threshold
+        return demo
+
     def _filter(self, predictions) -> Instances:
         instances = predictions["instances"].to("cpu")
         return instances[instances.scores >= self.confidence_threshold]

@@ -223,3 +223,43 @@ def test_bad_inputs_get_one_line_errors(tmp_path):
     )
     assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-1500:]
     assert run.stderr.strip().splitlines()[-1].startswith("export_model.py: error: cannot create the output folder")
+
+
+def test_eval_only_on_the_exported_model_equals_eager(exported_files, tmp_path):
+    """train_net.py --eval-only --exported: detectron2's COCO evaluator on the exported graph gives
+    the eager model's AP (within 0.1) and the same predictions, on 4 held-out coco128 photos."""
+    import json
+
+    source = json.loads(need(DATA / "coco128_holdout" / "instances.json").read_text())
+    images = source["images"][:4]
+    ids = {im["id"] for im in images}
+    subset = dict(source, images=images, annotations=[a for a in source["annotations"] if a["image_id"] in ids])
+    val_json = tmp_path / "val.json"
+    val_json.write_text(json.dumps(subset))
+    common = [sys.executable, str(REPO / "train_net.py"), "--config-file", str(REPO / "configs/yolact_R_50_FPN_550.yaml"),
+              "--eval-only", "--val-json", str(val_json), "--val-images", str(DATA / "coco128_holdout" / "images")]
+    runs = {
+        "exported": common + ["--exported", str(exported_files["e2e"]), "OUTPUT_DIR", str(tmp_path / "exported"),
+                              "MODEL.DEVICE", "cpu"],
+        "eager": common + ["OUTPUT_DIR", str(tmp_path / "eager"), "MODEL.DEVICE", "cpu",
+                           "MODEL.WEIGHTS", str(REFERENCE / "yolact_resnet50_seed1.pth")],
+    }
+    ap, predictions = {}, {}
+    for name, cmd in runs.items():
+        run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr[-3000:]
+        lines = [line.split("copypaste: ")[1] for line in (run.stdout + run.stderr).splitlines() if "copypaste: " in line]
+        # Task: bbox / header / values / Task: segm / header / values
+        ap[name] = [float(v) for v in lines[2].split(",")] + [float(v) for v in lines[5].split(",")]
+        predictions[name] = torch.load(tmp_path / name / "inference" / "instances_predictions.pth", weights_only=False)
+    assert len(ap["eager"]) == 12 and max(abs(a - b) for a, b in zip(ap["exported"], ap["eager"])) <= 0.1, ap
+    for ours, ref in zip(predictions["exported"], predictions["eager"]):
+        assert ours["image_id"] == ref["image_id"] and len(ref["instances"]) > 10
+        assert len(ours["instances"]) == len(ref["instances"])
+        # Each eager prediction has an exported one of its class, score within 1e-3, box within 1 px.
+        unused = list(ours["instances"])
+        for p in ref["instances"]:
+            match = next((q for q in unused if q["category_id"] == p["category_id"] and abs(q["score"] - p["score"]) <= 1e-3
+                          and np.abs(np.subtract(q["bbox"], p["bbox"])).max() <= 1.0), None)
+            assert match is not None, p
+            unused.remove(match)

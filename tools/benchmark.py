@@ -79,6 +79,11 @@ GENERIC_STAGES = {
     "roi_heads": "ROI heads (box + mask)",
     "postprocess": "postprocess (rest of model())",
 }
+EXPORTED_STAGES = {
+    "input": "input: image check",
+    "graph": "exported graph (resize ... masks, in the runtime)",
+    "output": "numpy -> Instances",
+}
 SMOKE_OPTS = {
     "YOLACT": ["MODEL.YOLACT.INPUT_SIZE", "160"],
     "other": ["INPUT.MIN_SIZE_TEST", "160", "INPUT.MAX_SIZE_TEST", "200"],
@@ -607,6 +612,75 @@ def compare_outputs(a: list, b: list) -> Dict:
 
 
 # ----------------------------------------------------------------------------- NMS and mask micro-benchmarks
+class ExportedRunner(Runner):
+    """Times an exported end-to-end graph (tools/export_model.py) like a model: the same images,
+    interleaved with the PyTorch runs in one process.
+
+    Stages: ``input`` (image check), ``graph`` (the runtime's call: preprocessing, network, Fast
+    NMS, masks, all inside the graph) and ``output`` (numpy -> Instances). Its detections are
+    compared with the eager model's on the same batch (``matches_eager``: the share of eager
+    detections reproduced, same criteria as tests/test_export.py).
+    """
+
+    def __init__(self, path: str, reference: Runner, args):
+        from yolact_d2.runtime import ExportedPredictor
+
+        self.predictor = ExportedPredictor(path, threads=args.threads)
+        meta = self.predictor.metadata
+        cfg = reference.cfg
+        if meta["num_classes"] != cfg.MODEL.YOLACT.NUM_CLASSES or meta["input_size"] != cfg.MODEL.YOLACT.INPUT_SIZE:
+            raise SystemExit(
+                f"--exported {path} ({meta['num_classes']} classes, input {meta['input_size']}) was not exported "
+                f"from --config-file {reference.config}; export that config, or pass its config"
+            )
+        built = {k: getattr(reference, k) for k in ("cfg", "config", "config_path", "opts", "weights", "weights_mb")}
+        built.update(model=None, is_yolact=False, arch=f"{reference.arch} ({self.predictor.runtime})")
+        super().__init__(built, args)
+        self.path = path
+        self.reference = reference
+        self.stage_labels = EXPORTED_STAGES
+        self.matched = [0, 0]
+
+    def run_e2e(self, batch) -> Tuple[float, list]:
+        start = time.perf_counter()
+        outputs = [self.predictor(img) for _, img in batch]
+        return time.perf_counter() - start, outputs
+
+    def run_staged(self, batch, capture: bool):
+        from yolact_d2.predictor import _as_bgr
+
+        clock = StageClock(self.sync)
+        outputs = []
+        for _, img in batch:
+            with clock("input"):
+                img = _as_bgr(img)
+            with clock("graph"):
+                raw = self.predictor.run(img)
+            with clock("output"):
+                outputs.append({"instances": self.predictor._instances(raw, img.shape[0], img.shape[1])})
+        return clock.times, outputs
+
+    def timed_round(self, batch, first_pass: bool, staged_first: bool):
+        from yolact_d2.runtime import matched_detections
+
+        super().timed_round(batch, first_pass, staged_first)
+        if first_pass:  # same images through the eager model, untimed
+            eager = self.reference.model([self.reference.adapter(img) for _, img in batch])
+            _, ours = self.run_e2e(batch)
+            for x, y in zip(ours, eager):
+                self.matched[0] += matched_detections(x["instances"], y["instances"])
+                self.matched[1] += len(y["instances"])
+
+    def report(self) -> Dict:
+        r = super().report()
+        meta = self.predictor.metadata
+        r.update(input_size=meta["input_size"], score_thresh_test=meta["score_thresh"], nms_type="fast (in the graph)")
+        r.update(runtime=self.predictor.runtime, exported_file=self.path,
+                 exported_bytes=os.path.getsize(self.path),
+                 matches_eager={"matched": self.matched[0], "eager_detections": self.matched[1]})
+        return r
+
+
 def compare_nms(runner: Runner, repeat: int) -> Optional[Dict]:
     """Fast, Cluster-Fast and standard NMS on the same YOLACT candidates (one set per image)."""
     from yolact_d2.fast_nms import multiclass_nms
@@ -872,6 +946,9 @@ def parse_args(argv=None):
     p.add_argument("--training-diagnostics", action="store_true",
                    help="instead of inference: the cost of the training diagnostics in a training step of "
                         "the config (--repeat steps with and without, --warmup untimed)")
+    p.add_argument("--exported", nargs="*", default=[], metavar="FILE",
+                   help="exported end-to-end graphs of the first config (tools/export_model.py: .onnx for "
+                        "onnxruntime, .ts for TorchScript), timed on the same images in the same process")
     p.add_argument("--smoke", action="store_true",
                    help="CI: 2 images, 1 warm-up, 1 repeat, 2 NMS/mask repeats, YOLACT INPUT_SIZE 160, "
                         "R-CNN test size 160/200 (--opts still override)")
@@ -902,6 +979,10 @@ def main(argv=None) -> Dict:
         if runners[0].label == runners[1].label:  # e.g. two YOLACT configs: tell them apart
             for r in runners:
                 r.label = f"{r.arch} ({Path(r.config_path).stem})"
+    if args.exported:
+        if not runners[0].is_yolact or args.device != "cpu" or args.batch_size != 1:
+            raise SystemExit("--exported needs a YOLACT --config-file, --device cpu and --batch-size 1")
+        runners += [ExportedRunner(path, runners[0], args) for path in args.exported]
     batches = make_batches(images, args.batch_size)
     meta = {
         "device": args.device,
@@ -945,15 +1026,34 @@ def main(argv=None) -> Dict:
         mask100 = time_mask_100(yolact, args.mask_repeat, yolact_report["end_to_end_per_image_ms"]) if yolact else None
 
     comparison = None
-    if len(reports) == 2:
-        a, b = sorted(reports, key=lambda x: x["end_to_end"]["median_ms"])
+    eager_reports = [rep for rep in reports if "runtime" not in rep]
+    if len(eager_reports) == 2:
+        a, b = sorted(eager_reports, key=lambda x: x["end_to_end"]["median_ms"])
         ratio = b["end_to_end"]["median_ms"] / a["end_to_end"]["median_ms"]
         comparison = {
             "faster": a["label"], "slower": b["label"], "ratio_of_medians": ratio,
-            "first_over_second": reports[0]["end_to_end"]["median_ms"] / reports[1]["end_to_end"]["median_ms"],
+            "first_over_second": eager_reports[0]["end_to_end"]["median_ms"] / eager_reports[1]["end_to_end"]["median_ms"],
             "sentence": f"{a['label']} is {ratio:.1f}x faster than {b['label']} (end-to-end median, "
                         f"{a['end_to_end']['median_ms']:.0f} vs {b['end_to_end']['median_ms']:.0f} ms, {args.device}, batch {args.batch_size})",
         }
+
+    exported = []
+    for rep in reports:
+        if "runtime" in rep:
+            # Speed-up over the eager model: ratio of medians, and the median of the per-round
+            # ratios (each exported run next to the eager run of the same images).
+            paired = [e / x for e, x in zip(runners[0].e2e, next(r for r in runners if r.label == rep["label"]).e2e)]
+            m = rep["matches_eager"]
+            exported.append({
+                "label": rep["label"], "runtime": rep["runtime"], "file": rep["exported_file"],
+                "speedup_over_eager": reports[0]["end_to_end"]["median_ms"] / rep["end_to_end"]["median_ms"],
+                "paired_speedup_median": float(np.median(paired)),
+                "matched_share": m["matched"] / m["eager_detections"] if m["eager_detections"] else None,
+                "sentence": f"{rep['label']} is {reports[0]['end_to_end']['median_ms'] / rep['end_to_end']['median_ms']:.2f}x "
+                            f"as fast as PyTorch eager end to end ({rep['end_to_end']['median_ms']:.0f} vs "
+                            f"{reports[0]['end_to_end']['median_ms']:.0f} ms median; paired {np.median(paired):.2f}x), "
+                            f"{m['matched']} of {m['eager_detections']} eager detections reproduced",
+            })
 
     name = Path(resolve_config(args.config_file)[0]).stem
     if args.vs:
@@ -961,7 +1061,7 @@ def main(argv=None) -> Dict:
     json_path = args.output_json or os.path.join("output", "benchmark", name + ".json")
     png_path = args.output_png or os.path.splitext(json_path)[0] + ".png"
     meta["loadavg_end"] = list(os.getloadavg())
-    result = {"meta": meta, "models": reports, "comparison": comparison, "nms": nms, "mask_100": mask100,
+    result = {"meta": meta, "models": reports, "comparison": comparison, "exported": exported, "nms": nms, "mask_100": mask100,
               "outputs": {"json": json_path, "png": png_path}}
 
     print(f"\nimages: {len(images)} from {source}; load average at start {meta['loadavg_start'][0]:.2f}, "
@@ -970,6 +1070,8 @@ def main(argv=None) -> Dict:
         print("\n" + model_table(rep, meta))
     if comparison:
         print("\n" + comparison["sentence"])
+    for e in exported:
+        print("\n" + e["sentence"])
     if nms:
         print("\n" + nms_table(nms))
     if mask100:

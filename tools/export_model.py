@@ -21,6 +21,7 @@ from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
 from yolact_d2 import add_yolact_config
+from yolact_d2.errors import MissingFileError, YolactUserError
 from yolact_d2.export import DEFAULT_OPSET, ExportError, export_model
 from yolact_d2.predictor import resolve_metadata
 
@@ -46,7 +47,7 @@ def load_model(cfg):
     model = build_model(cfg)
     if cfg.MODEL.WEIGHTS:
         if "://" not in cfg.MODEL.WEIGHTS and not os.path.isfile(cfg.MODEL.WEIGHTS):
-            raise FileNotFoundError(f"MODEL.WEIGHTS file {cfg.MODEL.WEIGHTS} not found")
+            raise MissingFileError(f"MODEL.WEIGHTS file {cfg.MODEL.WEIGHTS} not found")
         DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
     else:
         logging.getLogger("yolact_d2").warning("MODEL.WEIGHTS is empty: exporting random weights")
@@ -85,6 +86,6 @@ def main(argv=None) -> int:
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except (ExportError, FileNotFoundError) as e:
+    except YolactUserError as e:
         print(f"export_model.py: error: {e}", file=sys.stderr)
         sys.exit(2)

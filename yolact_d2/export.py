@@ -27,6 +27,7 @@ exporter and are refused for ONNX (TorchScript traces them).
 import json
 import logging
 import os
+import warnings
 from typing import Dict, List, Tuple
 
 import torch
@@ -34,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backbone import ModulatedDeformConv
+from .errors import YolactUserError
 from .fast_nms import fast_nms_static
 from .mask_assembly import assemble_masks, crop_masks
 from .priors import priors_to_boxes
@@ -52,7 +54,7 @@ E2E_OUTPUTS = ("boxes", "scores", "classes", "masks")
 METADATA_KEY = "yolact_d2"
 
 
-class ExportError(ValueError):
+class ExportError(YolactUserError, ValueError):
     """A model or request that cannot be exported faithfully (the message says why and the fix)."""
 
 
@@ -242,7 +244,9 @@ def export_model(cfg, model, graph: str, fmt: str, output: str, sample_image: to
         if model.mask_rescoring is not None:
             dynamic["mask_scores"] = {0: "detections"}
     meta = json.dumps(export_metadata(cfg, model, graph, class_names))
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # fast_nms_static reads the prior count to fix its shapes: constants by design.
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning, module=r"yolact_d2\.fast_nms")
         if fmt == "onnx":
             import onnx
 

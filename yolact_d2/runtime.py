@@ -20,15 +20,16 @@ import torch
 
 from detectron2.structures import Boxes, Instances
 
+from .errors import MissingFileError, YolactUserError
 from .export import METADATA_KEY
 from .predictor import _as_bgr, _one_line
 
-__all__ = ["ExportedPredictor", "ExportedModelError", "runtime_for"]
+__all__ = ["ExportedPredictor", "ExportedModelError", "runtime_for", "matched_detections"]
 
 logger = logging.getLogger(__name__)
 
 
-class ExportedModelError(ValueError):
+class ExportedModelError(YolactUserError, ValueError):
     """An exported file that cannot be used (the message names the file and the fix)."""
 
 
@@ -63,14 +64,14 @@ class ExportedPredictor:
         runtime: the runtime in use.
 
     Raises:
-        FileNotFoundError: ``path`` does not exist.
+        MissingFileError: ``path`` does not exist (a ``FileNotFoundError``).
         ExportedModelError: the file cannot be read by the runtime (corrupt, truncated, not a
             model), lacks yolact-d2's metadata, or holds the raw graph.
     """
 
     def __init__(self, path: str, threads: Optional[int] = 2, runtime: str = "auto"):
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"exported model {path} not found (make one with tools/export_model.py)")
+            raise MissingFileError(f"exported model {path} not found (make one with tools/export_model.py)")
         self.path = path
         self.runtime = runtime_for(path) if runtime == "auto" else runtime
         fix = "re-export it with tools/export_model.py --graph e2e"
@@ -170,3 +171,32 @@ class ExportedPredictor:
 
     def train(self, mode: bool = True):
         return self
+
+
+def matched_detections(ours: Instances, ref: Instances, score_tol: float = 1e-3, box_tol: float = 1.0,
+                       mask_iou: float = 0.95) -> int:
+    """How many of ``ref``'s detections ``ours`` reproduces (the export parity criteria).
+
+    A detection of ``ref`` is matched when ``ours`` has one with the same class, a score within
+    ``score_tol``, every box coordinate within ``box_tol`` pixels and a mask IoU >= ``mask_iou``.
+    Both need ``pred_classes``, ``scores``, ``pred_boxes`` and ``pred_masks`` (bool, H x W).
+    """
+    if len(ours) == 0:
+        return 0
+    ours_boxes = ours.pred_boxes.tensor.float()
+    ref_boxes = ref.pred_boxes.tensor.float().to(ours_boxes.device)
+    ref_classes, ref_scores = ref.pred_classes.to(ours_boxes.device), ref.scores.float().to(ours_boxes.device)
+    ref_masks = ref.pred_masks.to(ours_boxes.device)
+    matched = 0
+    for i in range(len(ref)):
+        close = (
+            (ours.pred_classes == ref_classes[i])
+            & ((ours.scores.float() - ref_scores[i]).abs() <= score_tol)
+            & ((ours_boxes - ref_boxes[i]).abs().max(dim=1).values <= box_tol)
+        ).nonzero().flatten()
+        for j in close.tolist():
+            union = (ours.pred_masks[j] | ref_masks[i]).sum().item()
+            if (ours.pred_masks[j] & ref_masks[i]).sum().item() / union >= mask_iou if union else True:
+                matched += 1
+                break
+    return matched
