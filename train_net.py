@@ -39,19 +39,12 @@ def checked_dataset_dicts(cfg, names):
     """Dataset dicts of ``names``, checked before training starts.
 
     Raises:
-        DatasetError: an unregistered dataset name (the message lists the registered ones).
         MissingFileError: an image listed in the annotations but absent, named.
         DatasetError: masks the mask format cannot hold (``check_annotations``), a class count or
             class id that does not fit the model's NUM_CLASSES (``check_dataset_classes``),
             naming the image, or no usable instance at all (``drop_degenerate_annotations``,
             which also drops and counts degenerate instances).
     """
-    unknown = [n for n in names if n not in DatasetCatalog.list()]
-    if unknown:
-        raise DatasetError(
-            f"dataset {unknown[0]!r} (DATASETS.TRAIN) is not registered; use a registered name "
-            "(e.g. pennfudan_train, coco_2017_train) or give --train-json / --train-images"
-        )
     dicts = get_detection_dataset_dicts(names, filter_empty=False, min_keypoints=0, proposal_files=None)
     if cfg.MODEL.MASK_ON:
         dicts = drop_degenerate_annotations(dicts, names)
@@ -72,6 +65,18 @@ def checked_dataset_dicts(cfg, names):
     thing_classes = MetadataCatalog.get(names[0]).get("thing_classes", None)
     check_dataset_classes(dicts, names, thing_classes, num_classes, key)
     return dicts
+
+
+def check_datasets_registered(cfg) -> None:
+    """Raise DatasetError naming the first name of DATASETS.TRAIN / TEST that is not registered."""
+    for key in ("TRAIN", "TEST"):
+        unknown = [n for n in getattr(cfg.DATASETS, key) if n not in DatasetCatalog.list()]
+        if unknown:
+            split, flags = ("train", "--train-json / --train-images") if key == "TRAIN" else ("val", "--val-json / --val-images")
+            raise DatasetError(
+                f"dataset {unknown[0]!r} (DATASETS.{key}) is not registered; use a registered name "
+                f"(e.g. pennfudan_{split}, coco_2017_{split}) or give {flags}"
+            )
 
 
 class Trainer(DefaultTrainer):
@@ -121,6 +126,7 @@ def setup(args):
     cfg.freeze()
     default_setup(cfg, args)
     register_builtin_datasets()
+    check_datasets_registered(cfg)
     return cfg
 
 
