@@ -351,21 +351,35 @@ def link_images(data: Dataset, n: int, folder: Path) -> List[str]:
     return [os.path.basename(nm) for nm in names]
 
 
+def _benchmark_takes(bench, flag: str) -> bool:
+    """Whether this checkout's tools/benchmark.py accepts ``flag`` (one FILE argument)."""
+    with contextlib.redirect_stderr(open(os.devnull, "w")):
+        try:
+            bench.parse_args(["--config-file", "x", flag, "x"])
+        except SystemExit:  # argparse: unrecognized argument
+            return False
+    return True
+
+
 def time_models(specs: List[ModelSpec], weights: Dict[str, str], images: Path, n: int, threads: int,
-                num_classes: int, json_path: Path, eta_s: Optional[float], extra_args: Sequence[str] = ()) -> Dict:
+                num_classes: int, json_path: Path, eta_s: Optional[float], extra_args: Sequence[str] = (),
+                exported: Optional[str] = None) -> Dict:
     """End-to-end latency of the models in one process on the same photos: ``tools/benchmark.py``'s
     ``main`` with the first model as ``--config-file`` and the second as ``--vs`` (interleaved per
-    image); a third model (YOLACT++) gets a second benchmark run in the same process.
+    image); a third model (YOLACT++) gets a second benchmark run in the same process. ``exported``
+    (a graph of the first model) goes to the first run as ``--exported`` when the benchmark takes it.
 
     Returns:
         {"runs": [benchmark result dicts], "commands": [command lines], "per_model": {key: the
         benchmark's model entry (``end_to_end_per_image_ms``, ``images_per_s``, ...)},
-        "extra": [model entries beyond the compared ones, e.g. an exported runtime]}.
+        "exported": the exported graph's entry or None, "extra": [other model entries beyond the
+        compared ones]}.
     """
     bench = _load_tool("benchmark")
+    with_exported = bool(exported) and _benchmark_takes(bench, "--exported")
     classes = ["MODEL.YOLACT.NUM_CLASSES", str(num_classes), "MODEL.ROI_HEADS.NUM_CLASSES", str(num_classes)]
     groups = [specs[:2]] + [[s] for s in specs[2:]]
-    out = {"runs": [], "commands": [], "per_model": {}, "extra": []}
+    out = {"runs": [], "commands": [], "per_model": {}, "exported": None, "extra": []}
     for i, group in enumerate(groups):
         path = json_path if i == 0 else json_path.with_name(f"{json_path.stem}_{group[0].key}.json")
         argv = ["--images", str(images), "--num-images", str(n), "--warmup", "1", "--repeat", "1",
@@ -378,6 +392,8 @@ def time_models(specs: List[ModelSpec], weights: Dict[str, str], images: Path, n
             if cfg.MODEL.META_ARCHITECTURE != "YOLACT":  # benchmark's own default would replace the config's
                 argv += ["--mrcnn-score-thresh", str(cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST)]
         argv += list(extra_args)
+        if i == 0 and with_exported:
+            argv += ["--exported", exported]
         print(f"[compare] timing {' vs '.join(s.label for s in group)} on {n} val photos"
               + (f" (about {eta_s:.0f} s)" if eta_s else ""), flush=True)
         with _heartbeat("timing", eta_s):
@@ -387,7 +403,11 @@ def time_models(specs: List[ModelSpec], weights: Dict[str, str], images: Path, n
         models = result["models"]
         for s, m in zip(group, models):
             out["per_model"][s.key] = {**m, "timing_json": str(path)}
-        out["extra"] += [{**m, "timing_json": str(path)} for m in models[len(group):]]
+        for m in models[len(group):]:
+            if with_exported and i == 0 and m.get("exported_file") == exported:
+                out["exported"] = {**m, "timing_json": str(path)}
+            else:
+                out["extra"].append({**m, "timing_json": str(path)})
     return out
 
 
@@ -425,8 +445,12 @@ def evaluate_exported(predictor, yolact: ModelSpec, out_dir: Path, common_opts: 
         "DATASETS.TEST", f"('{TEST_NAME}',)", "INPUT.MIN_SIZE_TEST", "0", "OUTPUT_DIR", str(out_dir), "MODEL.DEVICE", "cpu"])
     print(f"[compare] evaluating the exported {predictor.path} ({predictor.runtime})", flush=True)
     out_dir.mkdir(parents=True, exist_ok=True)
+    from detectron2.utils.logger import setup_logger
+
     start = time.perf_counter()
-    results = tn.Trainer.test(cfg, predictor)
+    with _scoped_log_handlers():
+        setup_logger(output=str(out_dir), name="detectron2")  # the evaluator's progress lines, as for the others
+        results = tn.Trainer.test(cfg, predictor)
     seconds = time.perf_counter() - start
     results = {task: {k: float(v) for k, v in metrics.items()} for task, metrics in results.items()}
     with open(out_dir / "eval_results.json", "w") as f:
@@ -593,9 +617,12 @@ def _notes(report: Dict) -> List[str]:
     notes = ["YOLACT and Mask R-CNN were timed interleaved photo by photo (tools/benchmark.py --vs)."]
     if "yolact_plus" in keys:
         notes.append("YOLACT++ was timed in a second tools/benchmark.py run in the same process, after them.")
-    if "exported" in keys:
-        notes.append("The exported graph was evaluated with the same evaluator and timed on the same photos "
-                     "after the others (one call per photo); it is not in the pictures.")
+    for r in report["models"]:
+        if r["key"] == "exported":
+            how = ("interleaved with them (tools/benchmark.py --exported)" if r.get("timed_by") == "benchmark"
+                   else "after them, one call per photo")
+            notes.append(f"The exported graph was evaluated by the same evaluator and timed on the same photos "
+                         f"{how}; it is not in the pictures.")
     return notes
 
 
@@ -681,6 +708,8 @@ def run_comparison(specs: List[ModelSpec], data: Dataset, out_dir: str, iters: O
         raise CompareError("--num-images and --vis-images must be >= 1")
     for s in specs:
         s.config = resolve_config(s.config)
+        s.opts = list(common_opts) + list(s.opts)  # training, evaluation, timing and pictures alike
+    common_opts = ()
     need_train = any(s.weights is None for s in specs)
     data.check(need_train)
     weights = {s.key: resolve_weights(s.weights) for s in specs if s.weights is not None}
@@ -708,15 +737,16 @@ def run_comparison(specs: List[ModelSpec], data: Dataset, out_dir: str, iters: O
     eta = sum(evals[s.key]["seconds"] / max(n_val, 1) for s in specs) * (2 * num_images + 1)
     images = link_images(data, num_images, out / "timing_images")
     timing = time_models(specs, weights, out / "timing_images", num_images, threads, n_classes,
-                         out / "timing.json", eta, benchmark_args)
+                         out / "timing.json", eta, benchmark_args, predictor.path if predictor else None)
     pictures = draw_predictions(specs, weights, vis_images, score_thresh, n_classes, out / "predictions.png")
     exported_row = None
     if predictor is not None:
         yolact = next(s for s in specs if s.key == "yolact")
         ev = evaluate_exported(predictor, yolact, out / "exported" / "eval", common_opts)
-        t = time_exported(predictor, sorted((out / "timing_images").iterdir()), out / "timing_exported.json")
+        t = timing["exported"] or time_exported(predictor, sorted((out / "timing_images").iterdir()),
+                                                out / "timing_exported.json")
         exported_row = {
-            "key": "exported", "label": t["label"], "config": _rel(yolact.config), "opts": list(common_opts) + yolact.opts,
+            "key": "exported", "label": t["label"], "timed_by": "benchmark" if timing["exported"] else "compare", "config": _rel(yolact.config), "opts": list(common_opts) + yolact.opts,
             "weights": predictor.path, "budget": "export of the YOLACT row", "train_command": None,
             "train_seconds": None, "eval_command": f"(in process) Trainer.test(cfg, ExportedPredictor({_rel(predictor.path)!r}))",
             "eval_results_json": ev["results_json"], "eval": ev["results"],
