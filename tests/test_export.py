@@ -263,3 +263,34 @@ def test_eval_only_on_the_exported_model_equals_eager(exported_files, tmp_path):
                           and np.abs(np.subtract(q["bbox"], p["bbox"])).max() <= 1.0), None)
             assert match is not None, p
             unused.remove(match)
+
+
+def test_openvino_runtime_matches_the_predictor(exported_files, fmt, eager):
+    """The same .onnx through OpenVINO's CPU plugin: >= 99% of YolactPredictor's detections."""
+    pytest.importorskip("openvino")
+    if fmt != "onnx":
+        pytest.skip("OpenVINO reads the ONNX file")
+    from yolact_d2.runtime import ExportedPredictor
+
+    exported = ExportedPredictor(str(exported_files["e2e"]), runtime="openvino")
+    assert exported.class_names == ExportedPredictor(str(exported_files["e2e"])).class_names
+    for image in photos()[3:5]:
+        ours, ref = exported(image)["instances"], eager(image)["instances"]
+        assert len(ref) > 10 and matched_detections(
+            ours, ref.pred_classes.numpy(), ref.scores.numpy(), ref.pred_boxes.tensor.numpy(), ref.pred_masks.numpy()
+        ) >= 0.99 * len(ref)
+
+
+def test_readme_onnxruntime_snippet_runs_as_written(exported_files, fmt, tmp_path):
+    """The README's minimal onnxruntime program (no yolact-d2 import) on an exported graph."""
+    if fmt != "onnx":
+        pytest.skip("the snippet reads the ONNX file")
+    readme = (REPO / "README.md").read_text()
+    snippet = readme.split("<!-- deploy-snippet -->\n```python\n", 1)[1].split("```", 1)[0]
+    assert "yolact_d2" not in snippet.replace('"yolact_d2"', "") and "detectron2" not in snippet
+    (tmp_path / "model_e2e.onnx").symlink_to(exported_files["e2e"])
+    (tmp_path / "input.jpg").symlink_to(sorted(need(DATA / "coco128" / "images").glob("*.jpg"))[0])
+    run = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = run.stdout.strip().splitlines()
+    assert lines and all(" box [" in line and "mask pixels" in line for line in lines)

@@ -625,7 +625,8 @@ class ExportedRunner(Runner):
     def __init__(self, path: str, reference: Runner, args):
         from yolact_d2.runtime import ExportedPredictor
 
-        self.predictor = ExportedPredictor(path, threads=args.threads)
+        path, _, runtime = path.partition("@")  # FILE or FILE@RUNTIME (e.g. model.onnx@openvino)
+        self.predictor = ExportedPredictor(path, threads=args.threads, runtime=runtime or "auto")
         meta = self.predictor.metadata
         cfg = reference.cfg
         if meta["num_classes"] != cfg.MODEL.YOLACT.NUM_CLASSES or meta["input_size"] != cfg.MODEL.YOLACT.INPUT_SIZE:
@@ -948,7 +949,8 @@ def parse_args(argv=None):
                         "the config (--repeat steps with and without, --warmup untimed)")
     p.add_argument("--exported", nargs="*", default=[], metavar="FILE",
                    help="exported end-to-end graphs of the first config (tools/export_model.py: .onnx for "
-                        "onnxruntime, .ts for TorchScript), timed on the same images in the same process")
+                        "onnxruntime, .ts for TorchScript; FILE@openvino runs an .onnx through OpenVINO), "
+                        "timed on the same images in the same process")
     p.add_argument("--smoke", action="store_true",
                    help="CI: 2 images, 1 warm-up, 1 repeat, 2 NMS/mask repeats, YOLACT INPUT_SIZE 160, "
                         "R-CNN test size 160/200 (--opts still override)")

@@ -7,8 +7,8 @@ behaves as a model, so ``inference_on_dataset`` and the COCO evaluator run on it
     predictor = ExportedPredictor("model_e2e.onnx")              # onnxruntime, 2 threads
     instances = predictor(cv2.imread("input.jpg"))["instances"]
 
-Runtimes: "onnxruntime" (CPU execution provider) for ``.onnx`` files and "torchscript" for
-``.ts`` / ``.pt`` files. The class names, input format and thresholds come from the file itself.
+Runtimes: "onnxruntime" (CPU execution provider) or "openvino" (CPU plugin) for ``.onnx`` files
+and "torchscript" for ``.ts`` / ``.pt`` files. The class names, input format and thresholds come from the file itself.
 """
 import json
 import logging
@@ -56,7 +56,8 @@ class ExportedPredictor:
         path: a ``.onnx`` or ``.ts`` file written by ``tools/export_model.py --graph e2e``.
         threads: intra-op threads of the runtime (onnxruntime ``intra_op_num_threads``,
             ``torch.set_num_threads`` for TorchScript); None keeps the runtime's default.
-        runtime: "auto" (by suffix, :func:`runtime_for`), "onnxruntime" or "torchscript".
+        runtime: "auto" (by suffix, :func:`runtime_for`), "onnxruntime", "openvino" (an ``.onnx``
+            file through OpenVINO's CPU plugin; needs ``pip install openvino``) or "torchscript".
 
     Attributes:
         metadata: dict stored in the file (:func:`yolact_d2.export.export_metadata`):
@@ -89,6 +90,25 @@ class ExportedPredictor:
                 ) from e
             meta = self._session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
             self._input_name = self._session.get_inputs()[0].name
+        elif self.runtime == "openvino":
+            try:
+                import openvino as ov
+            except ImportError as e:
+                raise ExportedModelError("runtime 'openvino' needs the openvino package: pip install openvino") from e
+            import onnx
+
+            core = ov.Core()
+            try:
+                compiled = core.compile_model(core.read_model(path), "CPU",
+                                              {"INFERENCE_NUM_THREADS": threads} if threads else {})
+                props = onnx.load(path, load_external_data=False).metadata_props
+            except Exception as e:  # OpenVINO and onnx raise their own types for a bad file
+                raise ExportedModelError(
+                    f"{path} is not a readable ONNX model ({type(e).__name__}: {_one_line(e, 150)}); {fix}"
+                ) from e
+            self._request = compiled.create_infer_request()
+            self._ov_outputs = list(compiled.outputs)
+            meta = next((p.value for p in props if p.key == METADATA_KEY), None)
         elif self.runtime == "torchscript":
             extra = {METADATA_KEY: ""}
             try:
@@ -102,7 +122,9 @@ class ExportedPredictor:
             if threads:
                 torch.set_num_threads(threads)
         else:
-            raise ExportedModelError(f"unknown runtime {runtime!r}; use 'auto', 'onnxruntime' or 'torchscript'")
+            raise ExportedModelError(
+                f"unknown runtime {runtime!r}; use 'auto', 'onnxruntime', 'openvino' (.onnx) or 'torchscript'"
+            )
         if not meta:
             raise ExportedModelError(f"{path} has no yolact-d2 metadata (not made by tools/export_model.py); {fix}")
         self.metadata = json.loads(meta)
@@ -115,6 +137,9 @@ class ExportedPredictor:
         image_bgr = np.ascontiguousarray(image_bgr)
         if self.runtime == "onnxruntime":
             outputs = self._session.run(None, {self._input_name: image_bgr})
+        elif self.runtime == "openvino":
+            result = self._request.infer({0: image_bgr})
+            outputs = [np.asarray(result[o]) for o in self._ov_outputs]
         else:
             with torch.inference_mode():
                 outputs = [t.numpy() for t in self._module(torch.from_numpy(image_bgr))]
