@@ -209,9 +209,8 @@ def test_bad_input_is_one_line_naming_the_fix(args, expected, tmp_path):
 def test_exported_graph_gets_its_own_evaluated_and_timed_row(run, tmp_path):
     """--exported: the YOLACT checkpoint of the tiny run exported end to end (ONNX) is evaluated by
     the same evaluator and timed on the same photos; its AP is the eager model's (the graph gives
-    the same detections). Skipped where the export support or onnxruntime is absent."""
+    the same detections). Skipped where onnxruntime is absent."""
     pytest.importorskip("onnxruntime")
-    pytest.importorskip("yolact_d2.runtime")
     from yolact_d2.compare import parse_markdown_table
 
     _, out = _ok(run)
@@ -237,15 +236,11 @@ def test_exported_graph_gets_its_own_evaluated_and_timed_row(run, tmp_path):
     for task in ("bbox", "segm"):
         for name, value in zip(("AP", "AP50", "AP75", "APs", "APm", "APl"), eager[task]):
             assert _same(row["eval"][task][name], value, 0.5), (task, name)
-    # Timed by tools/benchmark.py --exported where this checkout's benchmark takes it (an entry of
-    # timing.json), else by compare itself (timing_exported.json); either way on the same photos.
+    # Timed by tools/benchmark.py --exported in the same run as the two models (timing.json).
     bench = json.loads((out2 / "timing.json").read_text())
-    if row["timed_by"] == "benchmark":
-        timing = next(m for m in bench["models"] if m.get("exported_file") == str(onnx))
-        assert row["timing_json"] == str(out2 / "timing.json")
-    else:
-        timing = json.loads((out2 / "timing_exported.json").read_text())
-        assert sorted(timing["images"]) == sorted(bench["meta"]["images"])
+    timing = next(m for m in bench["models"] if m.get("exported_file") == str(onnx))
+    assert row["timing_json"] == str(out2 / "timing.json")
+    assert "--exported" in row["eval_command"] and "MODEL.WEIGHTS" not in row["eval_command"]
     table = {r["model"]: r for r in parse_markdown_table((out2 / "report.md").read_text())}
     assert float(table[row["label"]]["ms/image"]) == pytest.approx(timing["end_to_end_per_image_ms"], abs=0.05 + 1e-9)
     assert float(table[row["label"]]["images/s"]) == pytest.approx(timing["images_per_s"], abs=0.005 + 1e-9)

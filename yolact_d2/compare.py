@@ -306,10 +306,12 @@ def train(spec: ModelSpec, data: Dataset, iters: Optional[int], out_dir: Path, c
             "weights": str(weights), "iterations": iters or cfg.SOLVER.MAX_ITER, "seconds": seconds}
 
 
-def evaluate(spec: ModelSpec, data: Dataset, weights: str, out_dir: Path, common_opts: Sequence[str]) -> Dict:
+def evaluate(spec: ModelSpec, data: Dataset, weights: Optional[str], out_dir: Path, common_opts: Sequence[str],
+             exported: Optional[str] = None) -> Dict:
     """COCO box and mask AP of ``weights`` on the val split: ``train_net.main`` with ``--eval-only``
     (the trainer's ``test``: detectron2's ``inference_on_dataset`` with the repository's
-    ``YolactCOCOEvaluator``, which logs progress and ETA), in this process.
+    ``YolactCOCOEvaluator``, which logs progress and ETA), in this process. With ``exported`` (an
+    end-to-end graph of ``spec``'s model) it evaluates that graph instead (``--exported``).
 
     Returns:
         {"command": the equivalent train_net.py command line, "results": the evaluator's dict
@@ -321,9 +323,11 @@ def evaluate(spec: ModelSpec, data: Dataset, weights: str, out_dir: Path, common
         CompareError: the set-up failed (train_net's one-line message).
     """
     tn = _train_net()
+    # Flags before the KEY VALUE opts: train_net's parser takes everything after the first opt as opts.
     argv = ["--config-file", spec.config, "--eval-only", "--val-json", data.val_json, "--val-images", data.val_images,
-            *common_opts, *spec.opts, "MODEL.WEIGHTS", weights, "OUTPUT_DIR", str(out_dir)]
-    print(f"[compare] evaluating {spec.label} ({weights}) on {data.val_json}", flush=True)
+            *(["--exported", exported] if exported else []),
+            *common_opts, *spec.opts, *([] if exported else ["MODEL.WEIGHTS", weights]), "OUTPUT_DIR", str(out_dir)]
+    print(f"[compare] evaluating {spec.label} ({exported or weights}) on {data.val_json}", flush=True)
     start = time.perf_counter()
     try:
         with _scoped_log_handlers():
@@ -351,23 +355,13 @@ def link_images(data: Dataset, n: int, folder: Path) -> List[str]:
     return [os.path.basename(nm) for nm in names]
 
 
-def _benchmark_takes(bench, flag: str) -> bool:
-    """Whether this checkout's tools/benchmark.py accepts ``flag`` (one FILE argument)."""
-    with contextlib.redirect_stderr(open(os.devnull, "w")):
-        try:
-            bench.parse_args(["--config-file", "x", flag, "x"])
-        except SystemExit:  # argparse: unrecognized argument
-            return False
-    return True
-
-
 def time_models(specs: List[ModelSpec], weights: Dict[str, str], images: Path, n: int, threads: int,
                 num_classes: int, json_path: Path, eta_s: Optional[float], extra_args: Sequence[str] = (),
                 exported: Optional[str] = None) -> Dict:
     """End-to-end latency of the models in one process on the same photos: ``tools/benchmark.py``'s
     ``main`` with the first model as ``--config-file`` and the second as ``--vs`` (interleaved per
     image); a third model (YOLACT++) gets a second benchmark run in the same process. ``exported``
-    (a graph of the first model) goes to the first run as ``--exported`` when the benchmark takes it.
+    (a graph of the first model) joins the first run (``--exported``, interleaved too).
 
     Returns:
         {"runs": [benchmark result dicts], "commands": [command lines], "per_model": {key: the
@@ -376,7 +370,7 @@ def time_models(specs: List[ModelSpec], weights: Dict[str, str], images: Path, n
         compared ones]}.
     """
     bench = _load_tool("benchmark")
-    with_exported = bool(exported) and _benchmark_takes(bench, "--exported")
+    with_exported = bool(exported)
     classes = ["MODEL.YOLACT.NUM_CLASSES", str(num_classes), "MODEL.ROI_HEADS.NUM_CLASSES", str(num_classes)]
     groups = [specs[:2]] + [[s] for s in specs[2:]]
     out = {"runs": [], "commands": [], "per_model": {}, "exported": None, "extra": []}
@@ -411,79 +405,21 @@ def time_models(specs: List[ModelSpec], weights: Dict[str, str], images: Path, n
     return out
 
 
-def load_exported(path: str, threads: int):
-    """``yolact_d2.runtime.ExportedPredictor`` of an end-to-end graph from ``tools/export_model.py``,
-    or None (with the reason printed) when this checkout or environment has no runtime for it.
+def check_exported(path: str, threads: int) -> str:
+    """The runtime that will run ``path`` (an end-to-end graph from ``tools/export_model.py``), checked
+    by loading it with ``yolact_d2.runtime.ExportedPredictor`` before anything long starts.
 
     Raises:
-        CompareError: the file is missing or not a usable export (the runtime's message).
+        CompareError: missing or unusable file, or no runtime installed for it (named, with the fix).
     """
+    from yolact_d2.runtime import ExportedPredictor
+
     try:
-        from yolact_d2.runtime import ExportedPredictor
-    except ImportError as e:  # export support or onnxruntime absent: the comparison goes on without it
-        print(f"[compare] --exported {path} skipped: no exported-model runtime here ({e})", flush=True)
-        return None
-    try:
-        return ExportedPredictor(path, threads=threads)
-    except (FileNotFoundError, ValueError, ImportError) as e:
+        return ExportedPredictor(path, threads=threads).runtime
+    except ImportError as e:
+        raise CompareError(f"--exported {path}: {e.name or e} is not installed (pip install onnxruntime for .onnx)") from None
+    except (FileNotFoundError, ValueError) as e:
         raise CompareError(f"--exported {path}: {e}") from None
-
-
-def evaluate_exported(predictor, yolact: ModelSpec, out_dir: Path, common_opts: Sequence[str]) -> Dict:
-    """COCO AP of an exported graph on the val split registered by :func:`evaluate`: train_net's
-    ``Trainer.test`` (``inference_on_dataset`` + ``YolactCOCOEvaluator``) with the predictor as
-    the model and YOLACT's config for the data loader, without a test resize (the graph resizes).
-
-    Returns:
-        {"results": evaluator dict as in :func:`evaluate`, "seconds": wall time}; also written to
-        ``out_dir/eval_results.json``.
-    """
-    from yolact_d2.data.custom import TEST_NAME
-
-    tn = _train_net()
-    cfg = load_cfg(yolact.config, list(common_opts) + yolact.opts + [
-        "DATASETS.TEST", f"('{TEST_NAME}',)", "INPUT.MIN_SIZE_TEST", "0", "OUTPUT_DIR", str(out_dir), "MODEL.DEVICE", "cpu"])
-    print(f"[compare] evaluating the exported {predictor.path} ({predictor.runtime})", flush=True)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    from detectron2.utils.logger import setup_logger
-
-    start = time.perf_counter()
-    with _scoped_log_handlers():
-        setup_logger(output=str(out_dir), name="detectron2")  # the evaluator's progress lines, as for the others
-        results = tn.Trainer.test(cfg, predictor)
-    seconds = time.perf_counter() - start
-    results = {task: {k: float(v) for k, v in metrics.items()} for task, metrics in results.items()}
-    with open(out_dir / "eval_results.json", "w") as f:
-        json.dump(results, f, indent=1)
-    return {"results": results, "seconds": seconds, "results_json": str(out_dir / "eval_results.json")}
-
-
-def time_exported(predictor, image_files: Sequence[str], json_path: Path) -> Dict:
-    """End-to-end latency of an exported graph on the same photos as :func:`time_models`: one
-    warm-up call, then one timed ``predictor(bgr)`` per photo (decoded BGR in, Instances out),
-    summarised by tools/benchmark.py's ``summarize`` (ms). Written to ``json_path``.
-
-    Returns:
-        {"label", "end_to_end" (summary), "end_to_end_per_image_ms", "images_per_s", "timing_json"}.
-    """
-    import cv2
-
-    bench = _load_tool("benchmark")
-    images = [cv2.imread(str(f), cv2.IMREAD_COLOR) for f in image_files]
-    predictor(images[0])  # warm-up: session / graph optimisation on the first call
-    samples = []
-    for i, im in enumerate(images, 1):
-        start = time.perf_counter()
-        predictor(im)
-        samples.append(time.perf_counter() - start)
-        print(f"[compare] timing the exported graph: {i}/{len(images)} photos", flush=True)
-    e2e = bench.summarize(samples)
-    out = {"label": f"YOLACT ({predictor.runtime})", "path": predictor.path, "end_to_end": e2e,
-           "end_to_end_per_image_ms": e2e["median_ms"], "images_per_s": 1000.0 / e2e["median_ms"],
-           "images": [os.path.basename(str(f)) for f in image_files], "timing_json": str(json_path)}
-    with open(json_path, "w") as f:
-        json.dump(out, f, indent=1)
-    return out
 
 
 def draw_predictions(specs: List[ModelSpec], weights: Dict[str, str], n: int, score_thresh: float,
@@ -617,12 +553,9 @@ def _notes(report: Dict) -> List[str]:
     notes = ["YOLACT and Mask R-CNN were timed interleaved photo by photo (tools/benchmark.py --vs)."]
     if "yolact_plus" in keys:
         notes.append("YOLACT++ was timed in a second tools/benchmark.py run in the same process, after them.")
-    for r in report["models"]:
-        if r["key"] == "exported":
-            how = ("interleaved with them (tools/benchmark.py --exported)" if r.get("timed_by") == "benchmark"
-                   else "after them, one call per photo")
-            notes.append(f"The exported graph was evaluated by the same evaluator and timed on the same photos "
-                         f"{how}; it is not in the pictures.")
+    if "exported" in keys:
+        notes.append("The exported graph was evaluated by the same evaluator (train_net.py --eval-only --exported) "
+                     "and timed interleaved with them (tools/benchmark.py --exported); it is not in the pictures.")
     return notes
 
 
@@ -693,8 +626,7 @@ def run_comparison(specs: List[ModelSpec], data: Dataset, out_dir: str, iters: O
         benchmark_args: extra tools/benchmark.py arguments; runtimes it times besides the
             models get timing-only rows.
         exported: an end-to-end graph of the YOLACT model from ``tools/export_model.py`` (.onnx or
-            .ts): evaluated and timed on the same photos as one more row (no picture); skipped
-            with a message where ``yolact_d2.runtime`` cannot be imported.
+            .ts): evaluated and timed on the same photos as one more row (no picture).
 
     Returns:
         The report dict (also ``report.json``).
@@ -718,7 +650,8 @@ def run_comparison(specs: List[ModelSpec], data: Dataset, out_dir: str, iters: O
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(threads)
-    predictor = load_exported(exported, threads) if exported else None
+    if exported:
+        check_exported(exported, threads)
     env = environment(threads)
     n_classes = data.num_classes()
 
@@ -737,22 +670,19 @@ def run_comparison(specs: List[ModelSpec], data: Dataset, out_dir: str, iters: O
     eta = sum(evals[s.key]["seconds"] / max(n_val, 1) for s in specs) * (2 * num_images + 1)
     images = link_images(data, num_images, out / "timing_images")
     timing = time_models(specs, weights, out / "timing_images", num_images, threads, n_classes,
-                         out / "timing.json", eta, benchmark_args, predictor.path if predictor else None)
+                         out / "timing.json", eta, benchmark_args, exported)
     pictures = draw_predictions(specs, weights, vis_images, score_thresh, n_classes, out / "predictions.png")
     exported_row = None
-    if predictor is not None:
+    if exported:
         yolact = next(s for s in specs if s.key == "yolact")
-        ev = evaluate_exported(predictor, yolact, out / "exported" / "eval", common_opts)
-        t = timing["exported"] or time_exported(predictor, sorted((out / "timing_images").iterdir()),
-                                                out / "timing_exported.json")
+        ev = evaluate(yolact, data, None, out / "exported" / "eval", common_opts, exported=exported)
+        t = timing["exported"]
         exported_row = {
-            "key": "exported", "label": t["label"], "timed_by": "benchmark" if timing["exported"] else "compare", "config": _rel(yolact.config), "opts": list(common_opts) + yolact.opts,
-            "weights": predictor.path, "budget": "export of the YOLACT row", "train_command": None,
-            "train_seconds": None, "eval_command": f"(in process) Trainer.test(cfg, ExportedPredictor({_rel(predictor.path)!r}))",
-            "eval_results_json": ev["results_json"], "eval": ev["results"],
+            "key": "exported", "label": t["label"], "config": _rel(yolact.config), "opts": yolact.opts,
+            "weights": exported, "budget": "export of the YOLACT row", "train_command": None, "train_seconds": None,
+            "eval_command": ev["command"], "eval_results_json": ev["results_json"], "eval": ev["results"],
             "ms_per_image": t["end_to_end_per_image_ms"], "images_per_s": t["images_per_s"], "timing_json": t["timing_json"],
         }
-
     rows = []
     for s in specs:
         t = timing["per_model"][s.key]
