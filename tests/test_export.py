@@ -294,3 +294,31 @@ def test_readme_onnxruntime_snippet_runs_as_written(exported_files, fmt, tmp_pat
     assert run.returncode == 0, run.stderr[-2000:]
     lines = run.stdout.strip().splitlines()
     assert lines and all(" box [" in line and "mask pixels" in line for line in lines)
+
+
+def test_benchmark_times_the_exported_graph_beside_eager(exported_files, fmt, tmp_path):
+    """tools/benchmark.py --exported: same image, same process; the exported run reproduces the eager
+    detections it is compared with, and the profiled stages inside the ONNX graph fit in its time."""
+    if fmt != "onnx":
+        pytest.skip("one runtime is enough for the tool's plumbing")
+    image = sorted(need(DATA / "coco128" / "images").glob("*.jpg"))[0]
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, str(REPO / "tools/benchmark.py"), "--config-file", "configs/yolact_R_50_FPN_550.yaml",
+           "--images", str(image), "--num-images", "1", "--warmup", "1", "--repeat", "1", "--nms-repeat", "1",
+           "--mask-repeat", "1", "--exported", str(exported_files["e2e"]), "--output-json", str(out)]
+    run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-2000:]
+    import json
+
+    data = json.loads(out.read_text())
+    eager, exported = data["models"][0], data["models"][1]
+    assert exported["runtime"] == "onnxruntime" and exported["exported_file"] == str(exported_files["e2e"])
+    assert exported["matches_eager"]["eager_detections"] == 100
+    assert exported["matches_eager"]["matched"] >= 99
+    assert exported["detections_per_image"]["per_image"] == eager["detections_per_image"]["per_image"]
+    kernels = exported["graph_stages"]["kernel_ms_per_image"]
+    assert set(kernels) == {"/backbone/bottom_up", "/backbone/", "/head/", "/protonet/", ""}
+    assert all(v > 0 for v in kernels.values())  # every stage found by its node names
+    # Kernel time of a profiled run cannot much exceed the wall time of the (unprofiled) graph runs.
+    assert sum(kernels.values()) <= 1.8 * exported["stages"]["graph"]["median_ms"]
+    assert data["exported"][0]["sentence"] in run.stdout

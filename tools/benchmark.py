@@ -42,6 +42,7 @@ import os
 import platform
 import resource
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -84,6 +85,21 @@ EXPORTED_STAGES = {
     "graph": "exported graph (resize ... masks, in the runtime)",
     "output": "numpy -> Instances",
 }
+# Stages inside an exported graph, by the module path in its node names (first match wins).
+GRAPH_STAGES = {
+    "/backbone/bottom_up": "backbone bottom-up (ResNet)",
+    "/backbone/": "FPN (P3-P7)",
+    "/head/": "prediction head",
+    "/protonet/": "protonet",
+    "": "resize in, box decoding, Fast NMS, masks, paste",
+}
+
+
+def graph_stage(node_name: str) -> str:
+    """The GRAPH_STAGES key of an ONNX node name (e.g. "/raw/backbone/bottom_up/res2/...")."""
+    return next(k for k in GRAPH_STAGES if k in node_name)
+
+
 SMOKE_OPTS = {
     "YOLACT": ["MODEL.YOLACT.INPUT_SIZE", "160"],
     "other": ["INPUT.MIN_SIZE_TEST", "160", "INPUT.MAX_SIZE_TEST", "200"],
@@ -672,6 +688,33 @@ class ExportedRunner(Runner):
                 self.matched[0] += matched_detections(x["instances"], y["instances"])
                 self.matched[1] += len(y["instances"])
 
+    def profile_graph(self, images_bgr) -> Optional[Dict]:
+        """Stages inside the graph, from onnxruntime's profiler (a separate profiled session, one
+        untimed run per image): kernel time per stage, by the node names the exporter gives
+        (the module path). None for other runtimes."""
+        if self.predictor.runtime != "onnxruntime":
+            return None
+        import onnxruntime as ort
+
+        with tempfile.TemporaryDirectory() as tmp:
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = self.args.threads
+            options.enable_profiling = True
+            options.profile_file_prefix = os.path.join(tmp, "ort")
+            session = ort.InferenceSession(self.path, options, providers=["CPUExecutionProvider"])
+            name = session.get_inputs()[0].name
+            for img in images_bgr:
+                session.run(None, {name: np.ascontiguousarray(img)})
+            with open(session.end_profiling()) as f:
+                events = json.load(f)
+        stages = {k: 0.0 for k in GRAPH_STAGES}
+        for e in events:
+            if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+                stages[graph_stage(e["name"])] += e["dur"] / 1e3 / len(images_bgr)
+        total = sum(stages.values())
+        return {"kernel_ms_per_image": stages, "share": {k: v / total for k, v in stages.items()} if total else {},
+                "source": "onnxruntime profiler, kernel time by node name"}
+
     def report(self) -> Dict:
         r = super().report()
         meta = self.predictor.metadata
@@ -1020,6 +1063,9 @@ def main(argv=None) -> Dict:
                     r.timed_round(batch, first_pass=rep == 0, staged_first=bool(k % 2))
                 k += 1
         reports = [r.report() for r in runners]
+        for r, rep in zip(runners, reports):
+            if isinstance(r, ExportedRunner):
+                rep["graph_stages"] = r.profile_graph([img for _, img in images])
         for rep in reports:
             rep["batch_size"] = args.batch_size
         yolact = next((r for r in runners if r.is_yolact), None)
@@ -1070,6 +1116,11 @@ def main(argv=None) -> Dict:
           f"at end {meta['loadavg_end'][0]:.2f} ({meta['cpu_count']} CPUs)")
     for rep in reports:
         print("\n" + model_table(rep, meta))
+        if rep.get("graph_stages"):
+            g = rep["graph_stages"]
+            rows = [(GRAPH_STAGES[k], f"{v:.1f}", f"{100 * g['share'][k]:.1f}%") for k, v in g["kernel_ms_per_image"].items()]
+            print(f"  inside the graph ({g['source']}, one profiled run per image):\n"
+                  + format_table(rows, ["stage", "kernel ms", "share"], [False, True, True]))
     if comparison:
         print("\n" + comparison["sentence"])
     for e in exported:
