@@ -193,6 +193,7 @@ def test_scaled_schedule():
     (["--yolact-config", "configs/nope.yaml"], r"^error: config configs/nope\.yaml not found: give an existing YAML"),
     (["--opts", "MODEL.NO_SUCH_KEY", "1"], r"^error: config .* / opts: .*MODEL\.NO_SUCH_KEY.*\(fix the key or value\)"),
     (["--yolact-weights", "/nonexistent/run"], r"^error: weights /nonexistent/run not found: give a \.pth file"),
+    (["--exported", "/nonexistent/m.onnx"], r"^error: --exported /nonexistent/m\.onnx: .*not found.*tools/export_model\.py"),
 ])
 def test_bad_input_is_one_line_naming_the_fix(args, expected, tmp_path):
     pytest.importorskip("detectron2")
