@@ -160,8 +160,10 @@ def test_no_detection_gives_empty_outputs(tmp_path):
     assert out["boxes"].shape == (0, 4) and out["scores"].shape == (0,) and out["masks"].shape == (0, 240, 300)
 
 
-def test_yolact_plus_torchscript_matches_and_onnx_is_refused(tmp_path):
-    """YOLACT++ (deformable convs, mask re-scoring): TorchScript traces it with mask_scores; ONNX says why not."""
+@pytest.mark.parametrize("fmt_plus", ["onnx", "torchscript"])
+def test_yolact_plus_exports_with_deform_conv_and_mask_scores(tmp_path, fmt_plus):
+    """YOLACT++ (deformable convs, mask re-scoring): ONNX DeformConv (opset 19) and TorchScript
+    reproduce the eager detections and mask_scores; opset 17 is refused with the fix."""
     from detectron2.modeling import build_model
 
     from yolact_d2.export import ExportError, export_model
@@ -172,14 +174,19 @@ def test_yolact_plus_torchscript_matches_and_onnx_is_refused(tmp_path):
                      ["MODEL.WEIGHTS", "", "MODEL.YOLACT.SCORE_THRESH_TEST", "0.0"])
     torch.manual_seed(0)
     model = build_model(cfg).eval()
+    for m in model.modules():  # non-zero offsets, so that the deformable sampling is exercised
+        if hasattr(m, "conv_offset_mask"):
+            torch.nn.init.normal_(m.conv_offset_mask.weight, std=0.01)
     image = photos()[4]
-    with pytest.raises(ExportError, match="deformable convolutions.*--format torchscript"):
-        export_model(cfg, model, "e2e", "onnx", str(tmp_path / "m.onnx"), torch.from_numpy(image), ["person"])
-    path = export_model(cfg, model, "e2e", "torchscript", str(tmp_path / "m.ts"), torch.from_numpy(image), ["person"])
+    suffix = "onnx" if fmt_plus == "onnx" else "ts"
+    if fmt_plus == "onnx":
+        with pytest.raises(ExportError, match="DeformConv from opset 19, not 17.*--opset 19"):
+            export_model(cfg, model, "e2e", "onnx", str(tmp_path / "m.onnx"), torch.from_numpy(image), ["person"], 17)
+    path = export_model(cfg, model, "e2e", fmt_plus, str(tmp_path / f"m.{suffix}"), torch.from_numpy(image), ["person"])
     rgb = torch.from_numpy(np.ascontiguousarray(image[:, :, ::-1].transpose(2, 0, 1)))
     with torch.no_grad():
         ref = model([{"image": rgb}])[0]["instances"]
-    ours = ExportedPredictor(path)(photos()[4])["instances"]
+    ours = ExportedPredictor(path)(image)["instances"]
     assert len(ref) > 0 and len(ours) == len(ref)
     assert torch.allclose(ours.mask_scores, ref.mask_scores, atol=1e-4)
     assert matched_detections(

@@ -22,7 +22,7 @@ from detectron2.modeling import build_model
 
 from yolact_d2 import add_yolact_config
 from yolact_d2.errors import MissingFileError, YolactUserError
-from yolact_d2.export import DEFAULT_OPSET, ExportError, export_model
+from yolact_d2.export import DEFAULT_OPSET, DEFORM_CONV_OPSET, ExportError, export_model
 from yolact_d2.predictor import resolve_metadata
 
 SUFFIX = {"onnx": ".onnx", "torchscript": ".ts"}
@@ -38,7 +38,8 @@ def parse_args(argv=None):
                    help="file (one graph) or folder (--graph both); default output/export/<config>_<graph><suffix>")
     p.add_argument("--sample-image", default=None,
                    help="image to trace with (default: a 480x640 grey image); other sizes work afterwards")
-    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset")
+    p.add_argument("--opset", type=int, default=None,
+                   help=f"ONNX opset (default {DEFAULT_OPSET}; {DEFORM_CONV_OPSET} for YOLACT++, whose DeformConv needs it)")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides, e.g. MODEL.WEIGHTS m.pth")
     return p.parse_args(argv)
 

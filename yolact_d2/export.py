@@ -21,14 +21,15 @@ gives the eager model's detections (original ``Detect``): an above-threshold can
 suppressed and cut exactly as there; see :func:`yolact_d2.fast_nms.fast_nms_static`.
 
 Only ``NMS_TYPE: "fast"`` with per-class suppression is exported; other settings raise
-:class:`ExportError`. YOLACT++'s deformable convolutions have no ONNX symbolic in PyTorch's
-exporter and are refused for ONNX (TorchScript traces them).
+:class:`ExportError`. YOLACT++'s deformable convolutions become ONNX ``DeformConv`` (opset 19,
+run by onnxruntime and OpenVINO) through a symbolic registered here, since PyTorch's
+exporter has none for torchvision's ``deform_conv2d``.
 """
 import json
 import logging
 import os
 import warnings
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +49,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 DEFAULT_OPSET = 17
+DEFORM_CONV_OPSET = 19  # ONNX DeformConv (YOLACT++'s backbone)
 RAW_OUTPUTS = ("box_deltas", "class_scores", "mask_coeffs", "prototypes", "priors")
 E2E_OUTPUTS = ("boxes", "scores", "classes", "masks")
 # ONNX metadata_props / TorchScript extra file carrying what a runtime needs besides the graph.
@@ -58,7 +60,7 @@ class ExportError(YolactUserError, ValueError):
     """A model or request that cannot be exported faithfully (the message says why and the fix)."""
 
 
-def _check_exportable(model, graph: str, fmt: str) -> None:
+def _check_exportable(model, graph: str, fmt: str, opset: int) -> None:
     if graph not in ("raw", "e2e"):
         raise ExportError(f"unknown graph {graph!r}; use 'raw' or 'e2e'")
     if fmt not in ("onnx", "torchscript"):
@@ -73,14 +75,35 @@ def _check_exportable(model, graph: str, fmt: str) -> None:
             raise ExportError(
                 "MODEL.YOLACT.NMS_CLASS_AGNOSTIC True is not exported; use MODEL.YOLACT.NMS_CLASS_AGNOSTIC False"
             )
-    if fmt == "onnx":
-        deformable = [n for n, m in model.named_modules() if isinstance(m, ModulatedDeformConv)]
-        if deformable:
-            raise ExportError(
-                f"this model has deformable convolutions ({deformable[0]}, YOLACT++): PyTorch's ONNX exporter "
-                "has no symbolic for torchvision's deform_conv2d, so no faithful ONNX graph can be made; "
-                "use --format torchscript, or a YOLACT (v1) config"
-            )
+    if fmt == "onnx" and opset < DEFORM_CONV_OPSET and has_deformable_convs(model):
+        raise ExportError(
+            f"this model has deformable convolutions (YOLACT++): ONNX has DeformConv from opset "
+            f"{DEFORM_CONV_OPSET}, not {opset}; export with --opset {DEFORM_CONV_OPSET} (the default for YOLACT++)"
+        )
+
+
+def has_deformable_convs(model) -> bool:
+    """True when ``model`` has YOLACT++'s deformable backbone convs (:class:`ModulatedDeformConv`)."""
+    return any(isinstance(m, ModulatedDeformConv) for m in model.modules())
+
+
+def _deform_conv2d_symbolic(g, input, weight, offset, mask, bias, stride_h, stride_w, pad_h, pad_w,
+                            dil_h, dil_w, n_weight_grps, n_offset_grps, use_mask):
+    """torchvision::deform_conv2d as ONNX DeformConv (opset 19): the same offset layout ((dy, dx)
+    per kernel tap) and modulation mask, checked number for number against torchvision in the tests."""
+    from torch.onnx import symbolic_helper as sym
+
+    ints = [sym._get_const(v, "i", name) for v, name in (
+        (stride_h, "stride_h"), (stride_w, "stride_w"), (pad_h, "pad_h"), (pad_w, "pad_w"), (dil_h, "dil_h"),
+        (dil_w, "dil_w"), (n_weight_grps, "n_weight_grps"), (n_offset_grps, "n_offset_grps"))]
+    sh, sw, ph, pw, dh, dw, groups, offset_groups = ints
+    inputs = [input, weight, offset, bias] + ([mask] if sym._get_const(use_mask, "b", "use_mask") else [])
+    return g.op("DeformConv", *inputs, strides_i=[sh, sw], pads_i=[ph, pw, ph, pw], dilations_i=[dh, dw],
+                group_i=groups, offset_group_i=offset_groups)
+
+
+def _register_deform_conv_symbolic(opset: int) -> None:
+    torch.onnx.register_custom_op_symbolic("torchvision::deform_conv2d", _deform_conv2d_symbolic, opset)
 
 
 class RawGraph(nn.Module):
@@ -205,7 +228,7 @@ def _check_output_path(path: str) -> None:
 
 
 def export_model(cfg, model, graph: str, fmt: str, output: str, sample_image: torch.Tensor,
-                 class_names: List[str], opset: int = DEFAULT_OPSET) -> str:
+                 class_names: List[str], opset: Optional[int] = None) -> str:
     """Trace ``model`` into ``output`` as an ONNX or TorchScript file.
 
     Args:
@@ -216,13 +239,15 @@ def export_model(cfg, model, graph: str, fmt: str, output: str, sample_image: to
         output: file to write (its folder is created).
         sample_image: (H, W, 3) uint8 BGR image to trace with; the graphs take other sizes too.
         class_names: NUM_CLASSES names, stored in the file.
-        opset: ONNX opset (17 by default).
+        opset: ONNX opset; default 17, 19 for YOLACT++ (ONNX DeformConv needs 19).
     Returns:
         ``output``.
     Raises:
         ExportError: a setting that cannot be exported, or an output path that cannot be written.
     """
-    _check_exportable(model, graph, fmt)
+    if opset is None:
+        opset = DEFORM_CONV_OPSET if has_deformable_convs(model) else DEFAULT_OPSET
+    _check_exportable(model, graph, fmt, opset)
     _check_output_path(output)
     model = model.eval()
     wrapper = (RawGraph(model) if graph == "raw" else EndToEndGraph(model, cfg.INPUT.FORMAT)).eval()
@@ -250,6 +275,8 @@ def export_model(cfg, model, graph: str, fmt: str, output: str, sample_image: to
         if fmt == "onnx":
             import onnx
 
+            if has_deformable_convs(model):
+                _register_deform_conv_symbolic(opset)
             torch.onnx.export(
                 wrapper, (x,), output, input_names=input_names, output_names=output_names,
                 dynamic_axes=dynamic, opset_version=opset, dynamo=False, do_constant_folding=True,
