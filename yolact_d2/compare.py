@@ -55,7 +55,6 @@ DEFAULT_CONFIGS = {
     "yolact_plus": "configs/pennfudan/yolact_plus_R_50_FPN_320.yaml",
 }
 LABELS = {"yolact": "YOLACT", "yolact_plus": "YOLACT++", "mask_rcnn": "Mask R-CNN"}
-logger = logging.getLogger(__name__)
 
 
 class CompareError(Exception):
