@@ -160,7 +160,8 @@ def fast_nms_static(
     """
     k = min(top_k, scores.shape[0])
     sc, idx = scores.t().topk(k, dim=1, sorted=True)  # (C, K)
-    suppressed = overlaps_above_functional(boxes[idx], iou_threshold).any(dim=-2)
+    # max over uint8, not any(): the exporter writes any() as a sum over an int64 copy.
+    suppressed = overlaps_above_functional(boxes[idx], iou_threshold).to(torch.uint8).amax(dim=-2) > 0
     sc = torch.where(suppressed, torch.full_like(sc, -1.0), sc).reshape(-1)
     sc, flat = sc.topk(min(max_detections, sc.shape[0]), sorted=True)
     return idx.reshape(-1)[flat], torch.div(flat, k, rounding_mode="floor"), sc
