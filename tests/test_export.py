@@ -232,10 +232,13 @@ def test_bad_inputs_get_one_line_errors(tmp_path):
     assert run.stderr.strip().splitlines()[-1].startswith("export_model.py: error: cannot create the output folder")
 
 
-def test_eval_only_on_the_exported_model_equals_eager(exported_files, tmp_path):
+def test_eval_only_on_the_exported_model_equals_eager(exported_files, fmt, tmp_path):
     """train_net.py --eval-only --exported: detectron2's COCO evaluator on the exported graph gives
     the eager model's AP (within 0.1) and the same predictions, on 4 held-out coco128 photos."""
     import json
+
+    if fmt != "onnx":
+        pytest.skip("the evaluator path is the same for every runtime; the TorchScript graph's parity is tested above")
 
     source = json.loads(need(DATA / "coco128_holdout" / "instances.json").read_text())
     images = source["images"][:4]
