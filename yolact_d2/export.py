@@ -254,12 +254,8 @@ def export_model(cfg, model, graph: str, fmt: str, output: str, sample_image: to
     model = model.eval()
     wrapper = (RawGraph(model) if graph == "raw" else EndToEndGraph(model, cfg.INPUT.FORMAT)).eval()
     if graph == "raw":
-        s = model.input_size
-        x = F.interpolate(
-            ((sample_image.permute(2, 0, 1).float()
-              - model.pixel_mean.cpu()) / model.pixel_std.cpu())[None].to(model.device),
-            size=(s, s), mode="bilinear", align_corners=False,
-        )
+        chw = sample_image.permute(2, 0, 1)  # BGR -> the model's INPUT.FORMAT, then its own preprocessing
+        x = model.preprocess_image([{"image": chw.flip(0) if cfg.INPUT.FORMAT == "RGB" else chw}])
         input_names, output_names = ["images"], list(RAW_OUTPUTS)
         dynamic = {"images": {0: "batch"}, **{n: {0: "batch"} for n in RAW_OUTPUTS[:4]}}
     else:
