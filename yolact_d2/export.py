@@ -253,20 +253,19 @@ def export_model(cfg, model, graph: str, fmt: str, output: str, sample_image: to
     _check_output_path(output)
     model = model.eval()
     wrapper = (RawGraph(model) if graph == "raw" else EndToEndGraph(model, cfg.INPUT.FORMAT)).eval()
+    metadata = export_metadata(cfg, model, graph, class_names)
+    output_names = metadata["outputs"]  # one list: the graph's names are the runtime's
     if graph == "raw":
         chw = sample_image.permute(2, 0, 1)  # BGR -> the model's INPUT.FORMAT, then its own preprocessing
         x = model.preprocess_image([{"image": chw.flip(0) if cfg.INPUT.FORMAT == "RGB" else chw}])
-        input_names, output_names = ["images"], list(RAW_OUTPUTS)
-        dynamic = {"images": {0: "batch"}, **{n: {0: "batch"} for n in RAW_OUTPUTS[:4]}}
+        input_names = ["images"]
+        dynamic = {"images": {0: "batch"}, **{n: {0: "batch"} for n in output_names if n != "priors"}}
     else:
         x = sample_image.to(model.device)
         input_names = ["image"]
-        output_names = list(E2E_OUTPUTS) + (["mask_scores"] if model.mask_rescoring is not None else [])
-        dynamic = {"image": {0: "height", 1: "width"}, "boxes": {0: "detections"}, "scores": {0: "detections"},
-                   "classes": {0: "detections"}, "masks": {0: "detections", 1: "height", 2: "width"}}
-        if model.mask_rescoring is not None:
-            dynamic["mask_scores"] = {0: "detections"}
-    meta = json.dumps(export_metadata(cfg, model, graph, class_names))
+        dynamic = {"image": {0: "height", 1: "width"}, **{n: {0: "detections"} for n in output_names}}
+        dynamic["masks"] = {0: "detections", 1: "height", 2: "width"}
+    meta = json.dumps(metadata)
     with torch.no_grad(), warnings.catch_warnings():
         # fast_nms_static reads the prior count to fix its shapes: constants by design.
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning, module=r"yolact_d2\.fast_nms")
