@@ -306,16 +306,94 @@ def test_readme_onnxruntime_snippet_runs_as_written(exported_files, fmt, tmp_pat
     assert lines and all(" box [" in line and "mask pixels" in line for line in lines)
 
 
-def test_benchmark_times_the_exported_graph_beside_eager(exported_files, fmt, tmp_path):
+@pytest.fixture(scope="module")
+def int8_file(exported_files, fmt, tmp_path_factory):
+    """The ONNX e2e graph quantized to int8, calibrated on 4 held-out coco128 photos."""
+    from yolact_d2.export import quantize_onnx
+
+    if fmt != "onnx":
+        pytest.skip("int8 quantization writes ONNX")
+    pytest.importorskip("onnxruntime.quantization")
+    calibration = [cv2.imread(str(p)) for p in sorted(need(DATA / "coco128_holdout" / "images").glob("*.jpg"))[:4]]
+    return quantize_onnx(str(exported_files["e2e"]), str(tmp_path_factory.mktemp("int8") / "m_int8.onnx"), calibration)
+
+
+def test_int8_graph_quantizes_every_conv_and_nothing_else(exported_files, int8_file):
+    """Every Conv of the float graph reads int8 weights (per output channel, each within half a
+    quantization step of the float weight) and uint8 activations; box decoding, Fast NMS and the
+    masks keep their float ops; the predictor runs it with the float graph's output contract.
+    (Its accuracy is measured as AP: README "Deploy", Penn-Fudan.)"""
+    import json
+
+    import onnx
+    from onnx import numpy_helper
+
+    from yolact_d2.runtime import ExportedPredictor
+
+    float_graph = onnx.load(str(exported_files["e2e"])).graph
+    int8_graph = onnx.load(int8_file).graph
+    float_weights = {i.name: numpy_helper.to_array(i) for i in float_graph.initializer}
+    init = {i.name: numpy_helper.to_array(i) for i in int8_graph.initializer}
+    producer = {o: n for n in int8_graph.node for o in n.output}
+    float_convs = {n.name: n for n in float_graph.node if n.op_type == "Conv"}
+    int8_convs = {n.name: n for n in int8_graph.node if n.op_type == "Conv"}
+    assert set(int8_convs) == set(float_convs) and len(int8_convs) > 80
+    for name, conv in int8_convs.items():
+        x, w = (producer[conv.input[0]], producer[conv.input[1]])
+        assert x.op_type == "DequantizeLinear" and init.get(x.input[2], np.zeros(0)).dtype == np.uint8, name
+        q, scale, zero = (init[v] for v in w.input)
+        assert w.op_type == "DequantizeLinear" and q.dtype == np.int8 and scale.shape == (q.shape[0],), name
+        assert not zero.any(), name  # symmetric weights
+        want = float_weights[float_convs[name].input[1]]
+        error = np.abs(q * scale[:, None, None, None] - want) / scale[:, None, None, None]
+        assert error.max() <= 0.5 + 1e-3, f"{name}: weight off by {error.max():.2f} steps"
+    ops = lambda g: sorted(n.op_type for n in g.node if n.op_type not in ("Conv", "QuantizeLinear", "DequantizeLinear"))
+    assert ops(int8_graph) == ops(float_graph)
+    metadata = json.loads(next(p.value for p in onnx.load(int8_file).metadata_props if p.key == "yolact_d2"))
+    assert metadata["quantization"]["type"] == "int8" and metadata["quantization"]["calibration_images"] == 4
+    image = photos()[4]
+    ours = ExportedPredictor(int8_file)(image)["instances"]
+    ref = ExportedPredictor(str(exported_files["e2e"]))(image)["instances"]
+    assert ours.image_size == image.shape[:2] and len(ours) == len(ref) == 100
+    assert ours.pred_masks.dtype == torch.bool and ours.pred_masks.shape == ref.pred_masks.shape
+    assert (ours.scores[:-1] >= ours.scores[1:]).all() and not torch.equal(ours.scores, ref.scores)
+
+
+def test_int8_export_errors_are_one_line(exported_files, fmt, tmp_path):
+    """--quantize int8 without calibration photos, on TorchScript, or on the raw graph."""
+    from yolact_d2.export import ExportError, quantize_onnx
+
+    if fmt != "onnx":
+        pytest.skip("int8 quantization writes ONNX")
+    with pytest.raises(ExportError, match="raw graph"):
+        quantize_onnx(str(exported_files["raw"]), str(tmp_path / "q.onnx"), [np.zeros((8, 8, 3), np.uint8)])
+    with pytest.raises(ExportError, match="not an \\(H, W, 3\\) uint8"):
+        quantize_onnx(str(exported_files["e2e"]), str(tmp_path / "q.onnx"), [np.zeros((8, 8), np.uint8)])
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    base = [sys.executable, str(REPO / "tools/export_model.py"), "--config-file",
+            str(REPO / "configs/pennfudan/yolact_R_18_FPN_320.yaml"), "--output", str(tmp_path / "m.onnx")]
+    for extra, message in [([], "--quantize int8 needs --calibration-images DIR"),
+                           (["--calibration-images", str(empty)], "holds no .jpg"),
+                           (["--format", "torchscript"], "--quantize int8 writes an ONNX e2e graph")]:
+        run = subprocess.run(base + ["--quantize", "int8"] + extra + ["MODEL.WEIGHTS", ""], cwd=REPO,
+                             capture_output=True, text=True)
+        assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-1500:]
+        last = run.stderr.strip().splitlines()[-1]
+        assert last.startswith("export_model.py: error: ") and message in last, last
+
+
+def test_benchmark_times_the_exported_graph_beside_eager(exported_files, fmt, int8_file, tmp_path):
     """tools/benchmark.py --exported: same image, same process; the exported run reproduces the eager
-    detections it is compared with, and the profiled stages inside the ONNX graph fit in its time."""
+    detections it is compared with, and the profiled stages inside the ONNX graph fit in its time.
+    A second .onnx for the same runtime (the int8 graph) gets its own label and its own paired ratio."""
     if fmt != "onnx":
         pytest.skip("one runtime is enough for the tool's plumbing")
     image = sorted(need(DATA / "coco128" / "images").glob("*.jpg"))[0]
     out = tmp_path / "bench.json"
     cmd = [sys.executable, str(REPO / "tools/benchmark.py"), "--config-file", "configs/yolact_R_50_FPN_550.yaml",
            "--images", str(image), "--num-images", "1", "--warmup", "1", "--repeat", "1", "--nms-repeat", "1",
-           "--mask-repeat", "1", "--exported", str(exported_files["e2e"]), "--output-json", str(out)]
+           "--mask-repeat", "1", "--exported", str(exported_files["e2e"]), int8_file, "--output-json", str(out)]
     run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-2000:]
     import json
@@ -332,3 +410,9 @@ def test_benchmark_times_the_exported_graph_beside_eager(exported_files, fmt, tm
     # Kernel time of a profiled run cannot much exceed the wall time of the (unprofiled) graph runs.
     assert sum(kernels.values()) <= 1.8 * exported["stages"]["graph"]["median_ms"]
     assert data["exported"][0]["sentence"] in run.stdout
+    int8 = data["models"][2]
+    assert int8["exported_file"] == int8_file and len({m["label"] for m in data["models"]}) == 3
+    for entry, model in zip(data["exported"], data["models"][1:]):
+        assert entry["file"] == model["exported_file"]
+        ratios = np.divide(eager["end_to_end"]["samples_ms"], model["end_to_end"]["samples_ms"])
+        assert entry["paired_speedup_median"] == pytest.approx(float(np.median(ratios)), rel=1e-3)

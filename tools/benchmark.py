@@ -1028,6 +1028,10 @@ def main(argv=None) -> Dict:
         if not runners[0].is_yolact or args.device != "cpu" or args.batch_size != 1:
             raise SystemExit("--exported needs a YOLACT --config-file, --device cpu and --batch-size 1")
         runners += [ExportedRunner(path, runners[0], args) for path in args.exported]
+        labels = [r.label for r in runners]
+        for r in runners[1:]:
+            if labels.count(r.label) > 1:  # e.g. an fp32 and an int8 .onnx: name the file too
+                r.label = f"{r.arch[:-1]}, {Path(r.path).name})"
     batches = make_batches(images, args.batch_size)
     meta = {
         "device": args.device,
@@ -1086,11 +1090,11 @@ def main(argv=None) -> Dict:
         }
 
     exported = []
-    for rep in reports:
+    for runner, rep in zip(runners, reports):
         if "runtime" in rep:
             # Speed-up over the eager model: ratio of medians, and the median of the per-round
             # ratios (each exported run next to the eager run of the same images).
-            paired = [e / x for e, x in zip(runners[0].e2e, next(r for r in runners if r.label == rep["label"]).e2e)]
+            paired = [e / x for e, x in zip(runners[0].e2e, runner.e2e)]
             m = rep["matches_eager"]
             exported.append({
                 "label": rep["label"], "runtime": rep["runtime"], "file": rep["exported_file"],

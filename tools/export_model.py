@@ -4,6 +4,9 @@
     python tools/export_model.py --config-file configs/yolact_R_50_FPN_550.yaml --format onnx \
         --graph e2e --output output/export/yolact_R_50_550_e2e.onnx MODEL.WEIGHTS model.pth
 
+    # int8 (onnxruntime static quantization of every Conv; needs training photos to calibrate)
+    python tools/export_model.py --config-file ... --quantize int8 --calibration-images DIR MODEL.WEIGHTS model.pth
+
 Prints one line per file written; a setting or path that cannot be exported is one line on stderr
 (exit 2).
 """
@@ -22,10 +25,11 @@ from detectron2.modeling import build_model
 
 from yolact_d2 import add_yolact_config
 from yolact_d2.errors import MissingFileError, YolactUserError
-from yolact_d2.export import DEFAULT_OPSET, DEFORM_CONV_OPSET, ExportError, export_model
+from yolact_d2.export import DEFAULT_OPSET, DEFORM_CONV_OPSET, ExportError, export_model, quantize_onnx
 from yolact_d2.predictor import resolve_metadata
 
 SUFFIX = {"onnx": ".onnx", "torchscript": ".ts"}
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 
 
 def parse_args(argv=None):
@@ -40,6 +44,11 @@ def parse_args(argv=None):
                    help="image to trace with (default: a 480x640 grey image); other sizes work afterwards")
     p.add_argument("--opset", type=int, default=None,
                    help=f"ONNX opset (default {DEFAULT_OPSET}; {DEFORM_CONV_OPSET} for YOLACT++, whose DeformConv needs it)")
+    p.add_argument("--quantize", default="none", choices=["none", "int8"],
+                   help="int8: also write <output>_int8.onnx, every Conv quantized (ONNX e2e graph only)")
+    p.add_argument("--calibration-images", default=None, metavar="DIR",
+                   help="folder of training photos for the int8 calibration (sorted by name)")
+    p.add_argument("--calibration-count", type=int, default=32, help="how many of them (default 32)")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides, e.g. MODEL.WEIGHTS m.pth")
     return p.parse_args(argv)
 
@@ -55,8 +64,29 @@ def load_model(cfg):
     return model.eval()
 
 
+def calibration_images(folder: str, count: int):
+    """The first ``count`` images of ``folder`` (sorted by name) as (H, W, 3) uint8 BGR arrays."""
+    if not folder:
+        raise ExportError("--quantize int8 needs --calibration-images DIR (a folder of training photos)")
+    if not os.path.isdir(folder):
+        raise MissingFileError(f"--calibration-images folder {folder} not found")
+    files = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_SUFFIXES))[:count]
+    if not files:
+        raise ExportError(f"--calibration-images {folder} holds no {'/'.join(IMAGE_SUFFIXES)} file")
+    images = []
+    for f in files:
+        image = cv2.imread(os.path.join(folder, f), cv2.IMREAD_COLOR)
+        if image is None:
+            raise ExportError(f"calibration image {os.path.join(folder, f)} cannot be read; remove or replace it")
+        images.append(image)
+    return images
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.quantize == "int8" and (args.format != "onnx" or args.graph == "raw"):
+        raise ExportError("--quantize int8 writes an ONNX e2e graph; use --format onnx with --graph e2e or both")
+    calibration = calibration_images(args.calibration_images, args.calibration_count) if args.quantize == "int8" else None
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     cfg = get_cfg()
     add_yolact_config(cfg)
@@ -81,6 +111,10 @@ def main(argv=None) -> int:
             out = os.path.join(args.output or "output/export", f"{name}_{graph}{SUFFIX[args.format]}")
         export_model(cfg, model, graph, args.format, out, torch.from_numpy(image), names, args.opset)
         print(f"wrote {out}")
+        if calibration is not None and graph == "e2e":
+            out_int8 = os.path.splitext(out)[0] + "_int8.onnx"
+            quantize_onnx(out, out_int8, calibration)
+            print(f"wrote {out_int8}")
     return 0
 
 
