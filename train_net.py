@@ -32,7 +32,7 @@ from yolact_d2.device import cpu_sync_batch_norm, ddp_on_cpu, resolve_device
 from yolact_d2.diagnostics import log_dataset_prior_coverage, warn_small_batch_norm
 from yolact_d2.errors import ConfigError, DatasetError, MissingFileError, YolactUserError
 from yolact_d2.evaluation import YolactCOCOEvaluator
-from yolact_d2.runtime import ExportedPredictor
+from yolact_d2.runtime import ExportedPredictor, split_runtime
 
 
 def checked_dataset_dicts(cfg, names):
@@ -151,7 +151,8 @@ def main(args):
         if not args.exported:
             check_weights(cfg, args.resume)
         if args.eval_only and args.exported:  # the exported graph is evaluated, not MODEL.WEIGHTS
-            model = ExportedPredictor(args.exported, threads=torch.get_num_threads())
+            path, runtime = split_runtime(args.exported)
+            model = ExportedPredictor(path, threads=torch.get_num_threads(), runtime=runtime)
         elif args.eval_only:
             model = Trainer.build_model(cfg)
             DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
@@ -180,7 +181,8 @@ def argument_parser():
     )
     parser.add_argument(
         "--exported", metavar="FILE", help="with --eval-only: evaluate this exported end-to-end graph "
-        "(tools/export_model.py; .onnx through onnxruntime, .ts through TorchScript) instead of MODEL.WEIGHTS",
+        "(tools/export_model.py; .onnx through onnxruntime, FILE.onnx@openvino through OpenVINO, .ts through "
+        "TorchScript) instead of MODEL.WEIGHTS",
     )
     return parser
 

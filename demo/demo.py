@@ -64,8 +64,9 @@ def get_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--exported", "--onnx", metavar="FILE",
-        help="run an exported end-to-end graph (tools/export_model.py: .onnx via onnxruntime, .ts via "
-        "TorchScript) instead of building the config's model; class names come from the file",
+        help="run an exported end-to-end graph (tools/export_model.py: .onnx via onnxruntime, "
+        "FILE.onnx@openvino via OpenVINO, .ts via TorchScript) instead of building the config's model; "
+        "class names come from the file",
     )
     parser.add_argument(
         "--opts", default=[], nargs=argparse.REMAINDER,
@@ -337,6 +338,7 @@ def main(argv=None) -> int:
     try:
         if args.exported:
             demo = VisualizationDemo.from_exported(args.exported, confidence_threshold=args.confidence_threshold)
+            logger.info(f"exported graph {demo.predictor.path} in {demo.predictor.runtime}")
         else:
             demo = VisualizationDemo(cfg, confidence_threshold=args.confidence_threshold)
     except CheckpointLayoutError as e:

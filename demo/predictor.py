@@ -30,14 +30,16 @@ class VisualizationDemo:
 
     @classmethod
     def from_exported(cls, path: str, confidence_threshold: float = 0.3) -> "VisualizationDemo":
-        """The demo on an exported end-to-end graph (:class:`yolact_d2.runtime.ExportedPredictor`);
-        class names come from the file. Raises what ``ExportedPredictor`` raises."""
+        """The demo on an exported end-to-end graph (:class:`yolact_d2.runtime.ExportedPredictor`;
+        ``FILE.onnx@openvino`` picks OpenVINO); class names come from the file. Raises what
+        ``ExportedPredictor`` raises."""
         from detectron2.data.catalog import Metadata
 
-        from yolact_d2.runtime import ExportedPredictor
+        from yolact_d2.runtime import ExportedPredictor, split_runtime
 
         demo = cls.__new__(cls)
-        demo.predictor = ExportedPredictor(path)
+        file, runtime = split_runtime(path)
+        demo.predictor = ExportedPredictor(file, runtime=runtime)
         demo.metadata = Metadata(name=f"exported:{path}", thing_classes=demo.predictor.class_names)
         demo.confidence_threshold = confidence_threshold
         return demo

@@ -232,6 +232,37 @@ def test_bad_inputs_get_one_line_errors(tmp_path):
     assert run.stderr.strip().splitlines()[-1].startswith("export_model.py: error: cannot create the output folder")
 
 
+def test_demo_draws_the_exported_graph_in_both_runtimes(exported_files, fmt, tmp_path):
+    """demo/demo.py --exported FILE and FILE@openvino: each runtime named in the log, masks drawn on
+    the photo (the Visualizer's colours are random, so the two pictures are not compared)."""
+    pytest.importorskip("openvino")
+    if fmt != "onnx":
+        pytest.skip("OpenVINO reads the ONNX file")
+    photo = sorted(need(DATA / "coco128" / "images").glob("*.jpg"))[0]
+    source = cv2.imread(str(photo)).astype(np.int16)
+    drawn = {}
+    for name, spec in [("ort", str(exported_files["e2e"])), ("ov", f"{exported_files['e2e']}@openvino")]:
+        out = tmp_path / f"{name}.jpg"
+        run = subprocess.run([sys.executable, str(REPO / "demo/demo.py"), "--exported", spec, "--input", str(photo),
+                              "--output", str(out)], cwd=REPO, capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr[-2000:]
+        runtime = {"ort": "onnxruntime", "ov": "openvino"}[name]
+        assert f"exported graph {exported_files['e2e']} in {runtime}" in run.stdout + run.stderr
+        drawn[name] = cv2.imread(str(out)).astype(np.int16)
+        assert drawn[name].shape == source.shape
+        assert (np.abs(drawn[name] - source).max(axis=2) > 10).mean() > 0.05, "no masks drawn"
+
+
+def test_runtime_suffix_of_exported_paths():
+    """FILE@RUNTIME as train_net, benchmark take it; other "@" in a path stay part of it."""
+    from yolact_d2.runtime import split_runtime
+
+    assert split_runtime("out/m.onnx@openvino") == ("out/m.onnx", "openvino")
+    assert split_runtime("out/m.onnx") == ("out/m.onnx", "auto")
+    assert split_runtime("runs@2/m.onnx") == ("runs@2/m.onnx", "auto")
+    assert split_runtime("a@b/m.onnx@onnxruntime") == ("a@b/m.onnx", "onnxruntime")
+
+
 def test_eval_only_on_the_exported_model_equals_eager(exported_files, fmt, tmp_path):
     """train_net.py --eval-only --exported: detectron2's COCO evaluator on the exported graph gives
     the eager model's AP (within 0.1) and the same predictions, on 4 held-out coco128 photos."""

@@ -639,10 +639,10 @@ class ExportedRunner(Runner):
     """
 
     def __init__(self, path: str, reference: Runner, args):
-        from yolact_d2.runtime import ExportedPredictor
+        from yolact_d2.runtime import ExportedPredictor, split_runtime
 
-        path, _, runtime = path.partition("@")  # FILE or FILE@RUNTIME (e.g. model.onnx@openvino)
-        self.predictor = ExportedPredictor(path, threads=args.threads, runtime=runtime or "auto")
+        path, runtime = split_runtime(path)  # FILE or FILE@RUNTIME (e.g. model.onnx@openvino)
+        self.predictor = ExportedPredictor(path, threads=args.threads, runtime=runtime)
         meta = self.predictor.metadata
         cfg = reference.cfg
         if meta["num_classes"] != cfg.MODEL.YOLACT.NUM_CLASSES or meta["input_size"] != cfg.MODEL.YOLACT.INPUT_SIZE:

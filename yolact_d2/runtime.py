@@ -13,7 +13,7 @@ and "torchscript" for ``.ts`` / ``.pt`` files. The class names, input format and
 import json
 import logging
 import os
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -24,7 +24,9 @@ from .errors import MissingFileError, YolactUserError
 from .export import METADATA_KEY
 from .predictor import _as_bgr, _one_line
 
-__all__ = ["ExportedPredictor", "ExportedModelError", "runtime_for", "matched_detections"]
+__all__ = ["ExportedPredictor", "ExportedModelError", "runtime_for", "split_runtime", "matched_detections"]
+
+RUNTIMES = ("onnxruntime", "openvino", "torchscript")
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +49,14 @@ def runtime_for(path: str) -> str:
     raise ExportedModelError(
         f"{path}: unknown exported-model suffix {suffix!r}; use a .onnx or .ts file from tools/export_model.py"
     )
+
+
+def split_runtime(spec: str) -> Tuple[str, str]:
+    """``"FILE@RUNTIME"`` (as the tools' ``--exported`` take it, e.g. ``m.onnx@openvino``) ->
+    (FILE, RUNTIME); a plain FILE -> (FILE, "auto"). Only a known runtime after the last "@" is
+    split off, so other paths with "@" stay whole."""
+    path, sep, runtime = spec.rpartition("@")
+    return (path, runtime) if sep and runtime in RUNTIMES else (spec, "auto")
 
 
 class ExportedPredictor:
