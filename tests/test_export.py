@@ -194,6 +194,37 @@ def test_yolact_plus_exports_with_deform_conv_and_mask_scores(tmp_path, fmt_plus
     ) >= 0.99 * len(ref)
 
 
+def test_yolact_plus_traced_on_an_image_without_detections(tmp_path):
+    """A YOLACT++ e2e graph traced on an image with no detection above the threshold (as the default
+    grey sample image can be for a trained model) still re-scores the detections of other images:
+    nothing of the empty case is frozen into the graph."""
+    from detectron2.modeling import build_model
+
+    from yolact_d2.export import export_model
+    from yolact_d2.runtime import ExportedPredictor
+
+    cfg = yolact_cfg("configs/pennfudan/yolact_plus_R_50_FPN_320.yaml",
+                     ["MODEL.WEIGHTS", "", "MODEL.YOLACT.SCORE_THRESH_TEST", "0.0"])
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    grey, image = np.full((240, 320, 3), 114, np.uint8), photos()[4]
+    chw = lambda im: torch.from_numpy(np.ascontiguousarray(im[:, :, ::-1].transpose(2, 0, 1)))
+    with torch.no_grad():
+        top = [model([{"image": chw(im)}])[0]["instances"].scores.max().item() for im in (grey, image)]
+    assert top[0] != top[1], top
+    # The threshold between the two: the lower-scoring image has no detection and is traced.
+    (low, _), (high, _) = sorted([(grey, top[0]), (image, top[1])], key=lambda pair: pair[1])
+    model.score_thresh = (top[0] + top[1]) / 2
+    path = export_model(cfg, model, "e2e", "onnx", str(tmp_path / "m.onnx"), torch.from_numpy(low), ["person"])
+    with torch.no_grad():
+        ref = model([{"image": chw(high)}])[0]["instances"]
+    exported = ExportedPredictor(path)
+    assert len(exported(low)["instances"]) == 0
+    ours = exported(high)["instances"]
+    assert len(ref) > 0 and len(ours) == len(ref)
+    assert torch.allclose(ours.mask_scores, ref.mask_scores, atol=1e-4)
+
+
 def test_bad_inputs_get_one_line_errors(tmp_path):
     """Unexportable config, unwritable output, corrupt .onnx, raw graph given to the predictor."""
     from detectron2.modeling import build_model

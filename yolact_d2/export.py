@@ -191,7 +191,11 @@ class EndToEndGraph(nn.Module):
         masks = (up > m.mask_threshold).to(torch.uint8).squeeze(0)[:-1]
         outputs = (pixel_boxes, det_scores, classes, masks)
         if m.mask_rescoring is not None:
-            outputs += (det_scores * m.mask_rescoring.predict_iou(soft, classes),)
+            # On the padded batch too: predict_iou's empty-input branch would be traced as a
+            # constant when the sample image has no detection.
+            padded_classes = torch.cat([classes, classes.new_zeros(1)])
+            iou = m.mask_rescoring(padded[:, None]).gather(1, padded_classes[:, None]).squeeze(1)[:-1]
+            outputs += (det_scores * iou,)
         return outputs
 
 
