@@ -18,12 +18,13 @@ if ! "$PY" -c "import torch, torchvision" 2>/dev/null; then
 fi
 # detectron2's own requirements, pinned where detectron2 0.7 needs it (numpy<2, pkg_resources);
 # shapely: detectron2's CropTransform clips polygons with it. onnx/onnxruntime/openvino: tools/export_model.py
-# and the exported-model runtimes; onnx 1.18+ needs ml_dtypes built for numpy 2, hence <1.18.
+# and the exported-model runtimes; onnx 1.18+ needs ml_dtypes built for numpy 2, hence <1.18;
+# ml_dtypes 0.4 (numpy 1 builds): onnxruntime's quantization tools (--quantize int8) import it.
 pip_install "numpy<2" "setuptools<80" "pycocotools>=2.0.2" "opencv-python-headless<5" \
   "Pillow>=7.1" matplotlib "termcolor>=1.1" "yacs>=0.1.8" tabulate cloudpickle "tqdm>4.29.0" \
   tensorboard "omegaconf>=2.1,<2.4" "hydra-core>=1.1" packaging fvcore iopath black \
   shapely imgviz pytest \
-  "onnx>=1.16,<1.18" "onnxruntime>=1.17" "openvino>=2024.0"
+  "onnx>=1.16,<1.18" "onnxruntime>=1.17" "openvino>=2024.0" "ml_dtypes>=0.4,<0.5"
 if ! "$PY" -c "import detectron2.modeling" 2>/dev/null; then
   tmp=$(mktemp -d)
   "$PY" -m pip download --disable-pip-version-check -q --no-deps --only-binary=:all: \

@@ -375,7 +375,6 @@ def int8_file(exported_files, fmt, tmp_path_factory):
 
     if fmt != "onnx":
         pytest.skip("int8 quantization writes ONNX")
-    pytest.importorskip("onnxruntime.quantization")
     calibration = [cv2.imread(str(p)) for p in sorted(need(DATA / "coco128_holdout" / "images").glob("*.jpg"))[:4]]
     return quantize_onnx(str(exported_files["e2e"]), str(tmp_path_factory.mktemp("int8") / "m_int8.onnx"), calibration)
 

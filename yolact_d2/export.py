@@ -316,12 +316,18 @@ def quantize_onnx(source: str, output: str, calibration_images: Sequence[np.ndar
         ``output``; its stored metadata gains ``quantization`` (type, format, calibration count).
     Raises:
         ExportError: no calibration image, an image that is not (H, W, 3) uint8, a file without
-            yolact-d2 metadata or with the raw graph, or an output path that cannot be written.
+            yolact-d2 metadata or with the raw graph, an output path that cannot be written, or
+            onnxruntime's quantization tools missing.
     """
     import onnx
-    from onnxruntime.quantization import (
-        CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static,
-    )
+
+    try:
+        from onnxruntime.quantization import (
+            CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static,
+        )
+    except ImportError as e:  # e.g. ml_dtypes missing: scripts/install.sh installs it
+        raise ExportError(f"onnxruntime's quantization tools cannot be imported ({e}); "
+                          "pip install 'ml_dtypes>=0.4,<0.5' (numpy 1)") from e
 
     images = list(calibration_images)
     if not images:
