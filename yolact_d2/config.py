@@ -132,6 +132,17 @@ def add_yolact_config(cfg):
     _C.DATASETS.TRAIN_IMAGES = ""
     _C.DATASETS.TEST_JSON = ""
     _C.DATASETS.TEST_IMAGES = ""
+    # Dataset check before the first iteration, on DATASETS.TRAIN and TEST (yolact_d2/data/
+    # dataset_check.py): images open and match the JSON's size after EXIF orientation, JPEGs are
+    # complete, category ids are in 'categories', segmentations are not empty. Results are cached
+    # per image file in OUTPUT_DIR/dataset_check_cache.json.
+    _C.DATASETS.CHECK = CN()
+    _C.DATASETS.CHECK.ENABLED = True
+    # Stop on the faults a TRAIN set otherwise survives (an unreadable image or an empty
+    # segmentation is dropped and counted in one warning). TEST sets are always strict.
+    _C.DATASETS.CHECK.STRICT = False
+    # Decode every pixel of every image (finds corruption inside a file; slower first check).
+    _C.DATASETS.CHECK.FULL_DECODE = False
 
     # SSD-style training augmentation (original utils/augmentations.py SSDAugmentation).
     _C.INPUT.SSD = CN()

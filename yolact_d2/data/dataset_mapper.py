@@ -167,6 +167,9 @@ class YolactDatasetMapper:
     Test mode (``is_train=False``): the image only, not resized (the model resizes to INPUT_SIZE
     itself); annotations are dropped.
 
+    In training an image that exists but cannot be decoded (truncated, corrupt) gives None, with one
+    warning per file: detectron2's ``MapDataset`` then maps another image instead.
+
     Raises (from ``__call__``):
         MissingFileError: the image file does not exist (message names the path).
         DatasetError: an annotation's mask does not fit ``mask_format`` (an RLE dict with
@@ -209,6 +212,7 @@ class YolactDatasetMapper:
         self.min_box_size = float(min_box_size)
         self.recompute_boxes = recompute_boxes
         self.drop_outside_centers = drop_outside_centers
+        self._unreadable = set()  # training images that failed to decode, warned about once each
         mode = "training" if is_train else "inference"
         logger.info(f"[YolactDatasetMapper] Augmentations used in {mode}: {augmentations}")
 
@@ -258,7 +262,19 @@ class YolactDatasetMapper:
         if self.is_train:
             check_annotations(annos, file_name, self.mask_format)
 
-        image = self._read_image(file_name)
+        try:
+            image = self._read_image(file_name)
+        except MissingFileError:
+            raise
+        except OSError as e:  # truncated or corrupt: PIL's OSError / UnidentifiedImageError
+            if not self.is_train:
+                raise
+            # Safety net behind the dataset check (a file changed since, or a fault only a full
+            # decode finds): detectron2's MapDataset retries another image when the mapper gives None.
+            if file_name not in self._unreadable:
+                self._unreadable.add(file_name)
+                logger.warning(f"cannot read training image {file_name} ({type(e).__name__}: {e}); skipping it")
+            return None
         utils.check_image_size(dataset_dict, image)
         dataset_dict.setdefault("height", image.shape[0])
         dataset_dict.setdefault("width", image.shape[1])
