@@ -5,7 +5,6 @@ detectron2's checkpointer; the focal loss is checked against a brute-force readi
 an original checkpoint is refused by a model with a norm option; a "sigmoid_focal" model scores
 with sigmoids wherever scores are made.
 """
-import importlib.util
 import math
 
 import pytest
@@ -13,7 +12,7 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 
-from conftest import REPO, yolact_cfg
+from conftest import yolact_cfg
 from yolact_d2.checkpoint import CheckpointLayoutError, convert_torchvision_resnet_state_dict
 from yolact_d2.losses import sigmoid_focal_class_loss
 
@@ -144,13 +143,6 @@ def test_focal_model_starts_at_the_prior_probability():
     assert torch.allclose(torch.sigmoid(bias[:, 4]), torch.full((3,), 0.98))
 
 
-def _load_benchmark():
-    spec = importlib.util.spec_from_file_location("benchmark_tool", REPO / "tools" / "benchmark.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_focal_model_scores_are_sigmoids_everywhere(photo_inputs):
     _, test = photo_inputs
     model = _model(OPTIONS["sigmoid_focal"]).eval()
@@ -167,13 +159,13 @@ def test_focal_model_scores_are_sigmoids_everywhere(photo_inputs):
     # The best-scoring prior always survives NMS: inference's top score is the best sigmoid.
     assert len(inst) > 0 and inst.scores[0].item() == pytest.approx(fg.max().item(), abs=1e-6)
     assert inst.scores.max() <= 1 and inst.scores.min() > model.score_thresh
-    # tools/benchmark.py's staged run scores the same way.
-    bench = _load_benchmark()
-    adapter = bench.InputAdapter(yolact_cfg(FIT_CONFIG))
+    # The benchmark's timed call (yolact_d2.benchmarking, stages clocked inside it) scores the same way.
+    from yolact_d2.benchmarking import ModelBench
+
+    bench = ModelBench(model, yolact_cfg(FIT_CONFIG))
     image_bgr = test["image"].permute(1, 2, 0).numpy()[:, :, ::-1].copy()  # the test input is RGB
-    with torch.inference_mode():  # as the benchmark runs it
-        staged = bench.yolact_staged(model, [image_bgr], adapter, bench.StageClock(lambda: None))[0]["instances"]
-    direct = model([adapter(image_bgr)])[0]["instances"]
+    staged = bench([image_bgr])[2][0]["instances"]
+    direct = model([bench.adapter(image_bgr)])[0]["instances"]
     assert torch.allclose(staged.scores, direct.scores)
     assert staged.scores[0].item() == pytest.approx(fg.max().item(), abs=1e-6)
 

@@ -246,19 +246,25 @@ class YOLACT(nn.Module):
 
     # ------------------------------------------------------------------ inference
     @torch.inference_mode()
-    def inference(self, batched_inputs: List[Dict]) -> List[Dict[str, Instances]]:
-        """Detections per image: ``[{"instances": Instances}]`` (see the class docstring)."""
+    def inference(self, batched_inputs: List[Dict], clock=None) -> List[Dict[str, Instances]]:
+        """Detections per image: ``[{"instances": Instances}]`` (see the class docstring).
+
+        ``clock``: optional ``clock(stage_name)`` context-manager factory, passed to :meth:`detect`;
+        ``yolact_d2.benchmarking`` times the post-processing of this very call with it.
+        """
+        clock = clock or _untimed
         images = self.preprocess_image(batched_inputs)
         out = self._forward_network(images)
-        scores = self.class_scores(out["class_logits"])
-        prior_boxes = priors_to_boxes(out["priors"])
+        with clock("priors_scores"):
+            scores = self.class_scores(out["class_logits"])
+            prior_boxes = priors_to_boxes(out["priors"])
         results = []
         for i, x in enumerate(batched_inputs):
             height = int(x.get("height", x["image"].shape[-2]))
             width = int(x.get("width", x["image"].shape[-1]))
             results.append({"instances": self.detect(
                 out["box_deltas"][i], scores[i], out["mask_coeffs"][i], out["prototypes"][i],
-                prior_boxes, height, width,
+                prior_boxes, height, width, clock=clock,
             )})
         return results
 
@@ -276,7 +282,7 @@ class YOLACT(nn.Module):
             box_deltas: (A, 4); class_scores: (A, C + 1) from :meth:`class_scores`, background last;
             mask_coeffs: (A, k); prototypes: (h, w, k); prior_boxes: (A, 4) relative (x0, y0, x1, y1).
             height, width: output image size in pixels.
-            clock: optional ``clock(stage_name)`` context-manager factory; tools/benchmark.py
+            clock: optional ``clock(stage_name)`` context-manager factory; ``yolact_d2.benchmarking``
                 times the stages of this very code with it.
         Returns:
             ``Instances`` of at most DETECTIONS_PER_IMAGE detections, highest score first.
