@@ -32,6 +32,7 @@ from yolact_d2.device import cpu_sync_batch_norm, ddp_on_cpu, resolve_device
 from yolact_d2.diagnostics import log_dataset_prior_coverage, warn_small_batch_norm
 from yolact_d2.errors import ConfigError, DatasetError, MissingFileError, YolactUserError
 from yolact_d2.evaluation import YolactCOCOEvaluator
+from yolact_d2.prior_fit import fit_priors_at_setup
 from yolact_d2.runtime import ExportedPredictor, split_runtime
 
 
@@ -123,6 +124,8 @@ def setup(args):
         cfg.MODEL.DEVICE = args.device
     cfg.MODEL.DEVICE = resolve_device(cfg.MODEL.DEVICE, explicit=bool(args.device))
     cpu_sync_batch_norm(cfg)
+    # MODEL.YOLACT.FIT_PRIORS: the fitted priors go into the config.yaml default_setup writes.
+    fit_priors_at_setup(cfg, resume=args.resume, eval_only=args.eval_only)
     cfg.freeze()
     default_setup(cfg, args)
     register_builtin_datasets()

@@ -58,6 +58,13 @@ def add_yolact_config(cfg):
     # YOLACT v1 kept a bug of the original code: height = width for every ratio ("square
     # anchors"). Needed to reproduce released v1 checkpoints; YOLACT++ sets it False.
     _C.MODEL.YOLACT.SQUARE_ANCHORS = True
+    # Fit ANCHOR_SCALES (per level) and ANCHOR_ASPECT_RATIOS (shared) to the training boxes at the
+    # start of training (yolact_d2/prior_fit.py; tools/fit_priors.py prints them instead), keeping
+    # their count. The saved config.yaml holds the fitted values with FIT_PRIORS False; --resume
+    # keeps them. Off: the configured priors, as the paper.
+    _C.MODEL.YOLACT.FIT_PRIORS = False
+    # Steps of the fit's evolutionary search after its k-means start (0: k-means + coordinate search).
+    _C.MODEL.YOLACT.FIT_PRIORS_ITERATIONS = 300
     # Centre-size box coding variances (0.1, 0.2), as detectron2 Box2BoxTransform weights.
     _C.MODEL.YOLACT.BBOX_REG_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
 

@@ -36,6 +36,7 @@ __all__ = [
     "feature_sizes",
     "prior_coverage",
     "dataset_prior_coverage",
+    "square_boxes",
     "format_coverage",
     "log_dataset_prior_coverage",
     "warn_small_batch_norm",
@@ -221,6 +222,21 @@ def dataset_prior_coverage(cfg, dataset_dicts: List[dict], max_images: int = 200
     levels = [int(f.lstrip("p")) for f in y.IN_FEATURES]
     priors = make_priors(feature_sizes(y.INPUT_SIZE, levels), y.ANCHOR_SCALES, y.ANCHOR_ASPECT_RATIOS,
                          y.INPUT_SIZE, y.SQUARE_ANCHORS)
+    boxes, images = square_boxes(dataset_dicts, max_images)
+    out = prior_coverage(boxes, priors, y.POS_IOU_THRESH)
+    out.update(num_priors=int(priors.shape[0]), input_size=int(y.INPUT_SIZE), pos_thresh=float(y.POS_IOU_THRESH),
+               images=images)
+    return out
+
+
+def square_boxes(dataset_dicts: List[dict], max_images: int = 2000):
+    """The non-crowd boxes of at most ``max_images`` images (evenly spaced) of a dataset, relative
+    to the image, i.e. in the square network input's frame after the training resize.
+
+    Returns:
+        (boxes, images): per image with such boxes, a (G, 4) float32 tensor (x0, y0, x1, y1) in
+        0..1; and the number of images looked at.
+    """
     step = max(1, math.ceil(len(dataset_dicts) / max_images))
     picked = dataset_dicts[::step]
     boxes = []
@@ -231,10 +247,7 @@ def dataset_prior_coverage(cfg, dataset_dicts: List[dict], max_images: int = 200
         xyxy = np.array([BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS) for a in annos], np.float32)
         scale = np.array([d["width"], d["height"], d["width"], d["height"]], np.float32)
         boxes.append(torch.from_numpy(xyxy / scale))
-    out = prior_coverage(boxes, priors, y.POS_IOU_THRESH)
-    out.update(num_priors=int(priors.shape[0]), input_size=int(y.INPUT_SIZE), pos_thresh=float(y.POS_IOU_THRESH),
-               images=len(picked))
-    return out
+    return boxes, len(picked)
 
 
 def format_coverage(cov: Dict[str, float], title: str = "") -> str:
