@@ -10,9 +10,20 @@
 Everything but the YOLACT data mapper and evaluator comes from detectron2's DefaultTrainer:
 LR schedule, checkpointing (--resume), TensorBoard/metrics.json writers, DDP through launch().
 """
+import logging
 import os
+import warnings
 
-import torch
+# Before detectron2 is imported: fvcore and detectron2 call torch.jit.script at import time, which
+# torch deprecates with a FutureWarning per call that says nothing about this program. Only that
+# message from that module is hidden; the project's own warnings stay.
+warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning,
+                        module=r"torch\.jit\._script")
+# default_setup's environment report imports torch.utils.cpp_extension, which logs "No CUDA runtime
+# is found, using CUDA_HOME=..." on every CPU machine.
+logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+
+import torch  # noqa: E402
 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
@@ -25,7 +36,11 @@ from detectron2.utils.logger import setup_logger
 
 from yolact_d2 import add_yolact_config
 from yolact_d2.data import YolactDatasetMapper
+from yolact_d2.checkpoint import (
+    CHECKPOINT_METADATA_KEY, TrainingMetadata, adopt_input_format, check_checkpoint_classes, checkpoint_metadata,
+)
 from yolact_d2.data.custom import apply_coco_json_datasets
+from yolact_d2.data.dataset_check import check_datasets
 from yolact_d2.data.dataset_mapper import check_annotations, check_dataset_classes, drop_degenerate_annotations
 from yolact_d2.data.datasets import register_builtin_datasets
 from yolact_d2.device import cpu_sync_batch_norm, ddp_on_cpu, resolve_device
@@ -41,12 +56,18 @@ def checked_dataset_dicts(cfg, names):
 
     Raises:
         MissingFileError: an image listed in the annotations but absent, named.
-        DatasetError: masks the mask format cannot hold (``check_annotations``), a class count or
+        DatasetError: a fault of the dataset check (``DATASETS.CHECK``, yolact_d2/data/dataset_check.py:
+            size mismatch, unknown category id; unreadable images and empty segmentations are
+            dropped with a warning unless STRICT), masks the mask format cannot hold
+            (``check_annotations``), a class count or
             class id that does not fit the model's NUM_CLASSES (``check_dataset_classes``),
             naming the image, or no usable instance at all (``drop_degenerate_annotations``,
             which also drops and counts degenerate instances).
     """
-    dicts = get_detection_dataset_dicts(names, filter_empty=False, min_keypoints=0, proposal_files=None)
+    dicts = check_datasets(
+        cfg, names, "TRAIN", writable=comm.is_main_process(),
+        load=lambda n: get_detection_dataset_dicts(n, filter_empty=False, min_keypoints=0, proposal_files=None),
+    )
     if cfg.MODEL.MASK_ON:
         dicts = drop_degenerate_annotations(dicts, names)
     if cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS:
@@ -87,6 +108,9 @@ class Trainer(DefaultTrainer):
     def __init__(self, cfg):
         with ddp_on_cpu():  # detectron2 gives DDP a GPU id, which it refuses for a CPU model
             super().__init__(cfg)
+        # Every checkpoint (PeriodicCheckpointer's, model_final.pth) carries the class names and
+        # input format, for the demo, --eval-only and export of a model whose dataset is gone.
+        self.checkpointer.add_checkpointable(CHECKPOINT_METADATA_KEY, TrainingMetadata(cfg))
 
     @classmethod
     def build_train_loader(cls, cfg):
@@ -153,12 +177,18 @@ def main(args):
             raise ConfigError("--exported evaluates an exported model; add --eval-only")
         if not args.exported:
             check_weights(cfg, args.resume)
+        # TEST sets are checked in full now: a fault there would otherwise surface after training.
+        check_datasets(cfg, cfg.DATASETS.TEST, "TEST", load=None, writable=comm.is_main_process())
         if args.eval_only and args.exported:  # the exported graph is evaluated, not MODEL.WEIGHTS
             path, runtime = split_runtime(args.exported)
             model = ExportedPredictor(path, threads=torch.get_num_threads(), runtime=runtime)
         elif args.eval_only:
             model = Trainer.build_model(cfg)
-            DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+            checkpointer = DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
+            # The names and input format training stored in the weights (none in older files).
+            meta = checkpoint_metadata(checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume))
+            cfg = adopt_input_format(cfg, model, meta, cfg.MODEL.WEIGHTS or "the checkpoint")
+            check_checkpoint_classes(meta, cfg.DATASETS.TEST, cfg.MODEL.WEIGHTS or "the checkpoint")
         else:
             trainer = Trainer(cfg)  # builds the model, the optimizer and the data loader
             trainer.resume_or_load(resume=args.resume)

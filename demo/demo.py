@@ -17,7 +17,12 @@ import logging
 import os
 import sys
 import time
+import warnings
 
+# fvcore and detectron2 call torch.jit.script at import time, which torch deprecates with a
+# FutureWarning per call that says nothing about this demo: only that message is hidden.
+warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning,
+                        module=r"torch\.jit\._script")
 # Before torch / detectron2 are imported: send their import-time warnings to stdout, so that stderr
 # carries nothing but this demo's own error line; and keep OpenCV / FFmpeg from printing there.
 logging.captureWarnings(True)
@@ -123,16 +128,15 @@ def setup_cfg(path, opts, device=None):
     except (ValueError, AssertionError) as e:
         raise DemoError(f"--opts: {_line(e)}") from None
     # A config saved by train_net.py for a COCO-JSON dataset: register it again for its class names;
-    # then resolve the names now, so that a bad MODEL.YOLACT.CLASS_NAMES stops before the model loads.
+    # a bad MODEL.YOLACT.CLASS_NAMES count stops here, before the model loads.
     from yolact_d2.data.custom import apply_coco_json_datasets
     from yolact_d2.device import resolve_device
     from yolact_d2.errors import YolactUserError
-    from yolact_d2.predictor import resolve_metadata
+    from yolact_d2.predictor import check_class_names
 
     try:
         apply_coco_json_datasets(cfg)
-        if cfg.MODEL.YOLACT.CLASS_NAMES:  # checks their count (no fallback warning printed twice)
-            resolve_metadata(cfg)
+        check_class_names(cfg)  # the names themselves are resolved once, after the weights are read
         cfg.MODEL.DEVICE = resolve_device(device or cfg.MODEL.DEVICE, explicit=device is not None)
     except YolactUserError as e:
         raise DemoError(_line(e)) from None

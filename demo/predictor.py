@@ -10,7 +10,7 @@ from detectron2.structures import Instances
 from detectron2.utils.video_visualizer import VideoVisualizer
 from detectron2.utils.visualizer import ColorMode, VisImage, Visualizer
 
-from yolact_d2.predictor import YolactPredictor, resolve_metadata
+from yolact_d2.predictor import YolactPredictor, resolve_metadata  # noqa: F401  (re-exported)
 
 __all__ = ["VisualizationDemo", "resolve_metadata"]
 
@@ -25,7 +25,7 @@ class VisualizationDemo:
 
     def __init__(self, cfg, confidence_threshold: float = 0.3):
         self.predictor = YolactPredictor(cfg)
-        self.metadata = resolve_metadata(cfg)
+        self.metadata = self.predictor.metadata  # resolved once, after the weights (and their names) were read
         self.confidence_threshold = confidence_threshold
 
     @classmethod

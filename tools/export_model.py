@@ -14,19 +14,26 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 
-import cv2
-import numpy as np
-import torch
+# Before detectron2 is imported: its and fvcore's import-time torch.jit.script calls each raise torch's
+# deprecation FutureWarning, which says nothing about this program (only that message is hidden).
+warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning,
+                        module=r"torch\.jit\._script")
 
-from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import get_cfg
-from detectron2.modeling import build_model
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
-from yolact_d2 import add_yolact_config
-from yolact_d2.errors import MissingFileError, YolactUserError
-from yolact_d2.export import DEFAULT_OPSET, DEFORM_CONV_OPSET, ExportError, export_model, quantize_onnx
-from yolact_d2.predictor import resolve_metadata
+from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
+from detectron2.config import get_cfg  # noqa: E402
+from detectron2.modeling import build_model  # noqa: E402
+
+from yolact_d2 import add_yolact_config  # noqa: E402
+from yolact_d2.checkpoint import adopt_input_format, checkpoint_metadata  # noqa: E402
+from yolact_d2.errors import MissingFileError, YolactUserError  # noqa: E402
+from yolact_d2.export import DEFAULT_OPSET, DEFORM_CONV_OPSET, ExportError, export_model, quantize_onnx  # noqa: E402
+from yolact_d2.predictor import check_class_names, resolve_metadata  # noqa: E402
 
 SUFFIX = {"onnx": ".onnx", "torchscript": ".ts"}
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
@@ -54,14 +61,17 @@ def parse_args(argv=None):
 
 
 def load_model(cfg):
+    """The config's model with its weights, and what training stored beside them
+    (:func:`yolact_d2.checkpoint.checkpoint_metadata`: class names, input format; ``{}`` if none)."""
     model = build_model(cfg)
+    meta = {}
     if cfg.MODEL.WEIGHTS:
         if "://" not in cfg.MODEL.WEIGHTS and not os.path.isfile(cfg.MODEL.WEIGHTS):
             raise MissingFileError(f"MODEL.WEIGHTS file {cfg.MODEL.WEIGHTS} not found")
-        DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+        meta = checkpoint_metadata(DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS))
     else:
         logging.getLogger("yolact_d2").warning("MODEL.WEIGHTS is empty: exporting random weights")
-    return model.eval()
+    return model.eval(), meta
 
 
 def calibration_images(folder: str, count: int):
@@ -102,8 +112,11 @@ def main(argv=None) -> int:
         image = np.full((480, 640, 3), 114, np.uint8)
     graphs = ["e2e", "raw"] if args.graph == "both" else [args.graph]
     name = os.path.splitext(os.path.basename(args.config_file))[0]
-    model = load_model(cfg)
-    names = list(resolve_metadata(cfg).thing_classes)[: cfg.MODEL.YOLACT.NUM_CLASSES]
+    check_class_names(cfg)
+    model, meta = load_model(cfg)
+    # The file records the model's own input format and names: the weights' when the config names none.
+    cfg = adopt_input_format(cfg, model, meta, cfg.MODEL.WEIGHTS)
+    names = list(resolve_metadata(cfg, meta.get("class_names")).thing_classes)[: cfg.MODEL.YOLACT.NUM_CLASSES]
     for graph in graphs:
         if args.output and (len(graphs) == 1):
             out = args.output

@@ -9,7 +9,7 @@ detectron2's MSRA ``.pkl`` backbones load through detectron2's own name matching
 """
 import logging
 import re
-from typing import Dict
+from typing import Dict, List, Optional
 
 import torch
 
@@ -22,6 +22,12 @@ __all__ = [
     "convert_torchvision_resnet_state_dict",
     "upgrade_state_dict",
     "CLASS_SPECIFIC_KEYS",
+    "CHECKPOINT_METADATA_KEY",
+    "TrainingMetadata",
+    "training_class_names",
+    "checkpoint_metadata",
+    "adopt_input_format",
+    "check_checkpoint_classes",
 ]
 
 
@@ -210,3 +216,143 @@ def upgrade_state_dict(module, state_dict, prefix, local_metadata, strict, missi
             f"{len(skipped)} class-specific tensors, which keep their initialisation (fine-tuning): "
             + "; ".join(skipped)
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# What a checkpoint written by training carries besides the tensors: the class names and the input
+# format, so that the demo, evaluation and export of a model whose dataset existed only in the
+# training process still draw and report its own classes (detectron2's checkpointer saves every
+# "checkpointable" under its key; fvcore's ``Checkpointer.load`` returns the keys it did not use).
+CHECKPOINT_METADATA_KEY = "yolact_d2_metadata"
+
+
+def training_class_names(cfg) -> Optional[List[str]]:
+    """The class names a model trained with ``cfg`` predicts: ``MODEL.YOLACT.CLASS_NAMES`` when set,
+    else the ``thing_classes`` of ``DATASETS.TRAIN[0]``'s metadata; None when neither names them."""
+    from detectron2.data import MetadataCatalog
+
+    if cfg.MODEL.YOLACT.CLASS_NAMES:
+        return list(cfg.MODEL.YOLACT.CLASS_NAMES)
+    for name in cfg.DATASETS.TRAIN:
+        names = MetadataCatalog.get(name).get("thing_classes", None)
+        if names:
+            return list(names)
+    return None
+
+
+class TrainingMetadata:
+    """A checkpointable (``state_dict`` / ``load_state_dict``) holding what a runtime needs to read a
+    model's output and feed it images: the class names, the input channel order and normalisation.
+
+    Add it to a trainer's ``DetectionCheckpointer`` with ``add_checkpointable(CHECKPOINT_METADATA_KEY,
+    TrainingMetadata(cfg))``: every file that checkpointer (and ``PeriodicCheckpointer``) writes
+    then holds ``{"class_names": [C names] or None, "input_format": "RGB"|"BGR", "pixel_mean": [3],
+    "pixel_std": [3]}`` (0-255 scale, ``input_format`` channel order) under that key.
+    """
+
+    def __init__(self, cfg):
+        self.class_names = training_class_names(cfg)
+        self.input_format = cfg.INPUT.FORMAT
+        self.pixel_mean = [float(v) for v in cfg.MODEL.PIXEL_MEAN]
+        self.pixel_std = [float(v) for v in cfg.MODEL.PIXEL_STD]
+
+    def state_dict(self) -> Dict:
+        return {"class_names": self.class_names, "input_format": self.input_format,
+                "pixel_mean": self.pixel_mean, "pixel_std": self.pixel_std}
+
+    def load_state_dict(self, state: Dict) -> None:
+        # --resume: the run's own config decides; a checkpoint of other classes only warns.
+        names = state.get("class_names")
+        if names and self.class_names and list(names) != list(self.class_names):
+            logger.warning(f"resumed checkpoint names classes {_short(names)}; this run trains {_short(self.class_names)}")
+
+
+def _short(names, limit: int = 8) -> str:
+    names = list(names)
+    return "[" + ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "") + "]"
+
+
+def checkpoint_metadata(extra: Optional[Dict]) -> Dict:
+    """The metadata stored by :class:`TrainingMetadata` in the unused keys ``extra`` that
+    ``Checkpointer.load`` returned; ``{}`` for a checkpoint without it (an older file, a released
+    or converted model). Malformed entries (not a list of strings, an unknown format) are ignored."""
+    meta = (extra or {}).get(CHECKPOINT_METADATA_KEY)
+    if not isinstance(meta, dict):
+        return {}
+    out = {}
+    names = meta.get("class_names")
+    if isinstance(names, (list, tuple)) and names and all(isinstance(n, str) for n in names):
+        out["class_names"] = list(names)
+    if meta.get("input_format") in ("RGB", "BGR"):
+        out["input_format"] = meta["input_format"]
+        for key in ("pixel_mean", "pixel_std"):
+            if isinstance(meta.get(key), (list, tuple)) and len(meta[key]) == 3:
+                out[key] = [float(v) for v in meta[key]]
+    return out
+
+
+def adopt_input_format(cfg, model, meta: Dict, source: str):
+    """Make ``cfg`` and ``model`` read images as the checkpoint's model was trained to.
+
+    When ``meta`` (:func:`checkpoint_metadata`) names an input format or normalisation other than
+    ``cfg``'s, logs one warning and returns a frozen copy of ``cfg`` with the checkpoint's
+    ``INPUT.FORMAT`` / ``MODEL.PIXEL_MEAN`` / ``MODEL.PIXEL_STD``; the model's ``pixel_mean`` /
+    ``pixel_std`` buffers (3, 1, 1) are set to them. Otherwise returns ``cfg`` unchanged.
+    """
+    want = {"INPUT.FORMAT": meta.get("input_format", cfg.INPUT.FORMAT),
+            "MODEL.PIXEL_MEAN": meta.get("pixel_mean", [float(v) for v in cfg.MODEL.PIXEL_MEAN]),
+            "MODEL.PIXEL_STD": meta.get("pixel_std", [float(v) for v in cfg.MODEL.PIXEL_STD])}
+    have = {"INPUT.FORMAT": cfg.INPUT.FORMAT, "MODEL.PIXEL_MEAN": [float(v) for v in cfg.MODEL.PIXEL_MEAN],
+            "MODEL.PIXEL_STD": [float(v) for v in cfg.MODEL.PIXEL_STD]}
+    changed = [k for k in want if want[k] != have[k]]
+    if not changed:
+        return cfg
+    logger.warning(
+        f"{source} was trained with " + ", ".join(f"{k} {want[k]}" for k in changed)
+        + "; using those instead of the config's " + ", ".join(f"{have[k]}" for k in changed)
+    )
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.INPUT.FORMAT = want["INPUT.FORMAT"]
+    cfg.MODEL.PIXEL_MEAN = want["MODEL.PIXEL_MEAN"]
+    cfg.MODEL.PIXEL_STD = want["MODEL.PIXEL_STD"]
+    cfg.freeze()
+    for name in ("pixel_mean", "pixel_std"):
+        buffer = getattr(model, name, None)
+        if isinstance(buffer, torch.Tensor):
+            buffer.copy_(torch.tensor(getattr(cfg.MODEL, name.upper()), dtype=buffer.dtype).view_as(buffer))
+    return cfg
+
+
+def check_checkpoint_classes(meta: Dict, dataset_names, source: str) -> None:
+    """Before evaluating a checkpoint on ``dataset_names``: compare their classes with the names
+    stored in the checkpoint (``meta`` from :func:`checkpoint_metadata`).
+
+    A dataset without ``thing_classes`` gets the checkpoint's; one with the same count but other
+    names gets one warning. Nothing happens for a checkpoint without names.
+
+    Raises:
+        DatasetError: a dataset whose class count differs from the checkpoint's (its scores would be
+            read as other classes), one line naming both.
+    """
+    from detectron2.data import MetadataCatalog
+
+    from .errors import DatasetError
+
+    stored = meta.get("class_names")
+    if not stored:
+        return
+    for name in dataset_names:
+        metadata = MetadataCatalog.get(name)
+        names = metadata.get("thing_classes", None)
+        if names is None:
+            metadata.set(thing_classes=list(stored))
+            logger.info(f"dataset {name} names no classes: using the checkpoint's {_short(stored)}")
+        elif len(names) != len(stored):
+            raise DatasetError(
+                f"dataset {name} has {len(names)} classes {_short(names)} but {source} was trained on "
+                f"{len(stored)} {_short(stored)}; evaluate it on a dataset of its classes"
+            )
+        elif list(names) != list(stored):
+            logger.warning(f"dataset {name} names its classes {_short(names)}, {source} {_short(stored)}; "
+                           "evaluating by class index")

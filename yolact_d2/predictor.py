@@ -30,12 +30,12 @@ from detectron2.data import transforms as T
 from detectron2.modeling import build_model
 from detectron2.structures import Instances
 
-from .checkpoint import CheckpointLayoutError
+from .checkpoint import CheckpointLayoutError, adopt_input_format, checkpoint_metadata
 from .data.datasets import register_builtin_datasets
 from .device import resolve_device
 from .errors import ConfigError, MissingFileError
 
-__all__ = ["YolactPredictor", "resolve_metadata"]
+__all__ = ["YolactPredictor", "resolve_metadata", "check_class_names"]
 
 logger = logging.getLogger(__name__)
 
@@ -100,40 +100,65 @@ def _as_bgr(image: np.ndarray) -> np.ndarray:
     return image
 
 
-def resolve_metadata(cfg) -> Metadata:
-    """Class names and colours for drawing, in this order of preference:
+def check_class_names(cfg) -> None:
+    """Raise ConfigError when ``MODEL.YOLACT.CLASS_NAMES`` is set with a length other than NUM_CLASSES."""
+    names, num_classes = cfg.MODEL.YOLACT.CLASS_NAMES, cfg.MODEL.YOLACT.NUM_CLASSES
+    if names and len(names) != num_classes:
+        raise ConfigError(
+            f"MODEL.YOLACT.CLASS_NAMES has {len(names)} names but MODEL.YOLACT.NUM_CLASSES is {num_classes}; "
+            "give one name per class"
+        )
 
-    ``MODEL.YOLACT.CLASS_NAMES`` when set; ``MetadataCatalog.get(cfg.DATASETS.TEST[0])`` (then
-    ``DATASETS.TRAIN[0]``) when it names at least NUM_CLASSES ``thing_classes``; else detectron2's
-    COCO 80-class metadata when NUM_CLASSES <= 80, with a warning unless NUM_CLASSES is 80; else
-    plain names "class 0", "class 1", ...
 
-    Raises:
-        ConfigError: ``MODEL.YOLACT.CLASS_NAMES`` with a length other than NUM_CLASSES.
+def resolve_metadata(cfg, checkpoint_names: Optional[Sequence[str]] = None) -> Metadata:
+    """Class names and colours for drawing and reporting, in this order of preference:
+
+    1. ``MODEL.YOLACT.CLASS_NAMES`` when set;
+    2. ``MetadataCatalog.get(cfg.DATASETS.TEST[0])`` (then the other TEST, then TRAIN datasets) when
+       it names NUM_CLASSES ``thing_classes`` (a dataset of another class count is not the
+       model's); one warning when ``checkpoint_names`` differ;
+    3. ``checkpoint_names``, the names stored in the weights by training
+       (:func:`yolact_d2.checkpoint.checkpoint_metadata`), when there are NUM_CLASSES of them;
+    4. detectron2's COCO 80-class metadata when NUM_CLASSES <= 80, with one warning unless
+       NUM_CLASSES is 80 (a checkpoint without names, e.g. a released or converted model);
+    5. plain names "class 0", "class 1", ...
+
+    Call it once, after the weights are read. Raises ConfigError: ``MODEL.YOLACT.CLASS_NAMES``
+    with a length other than NUM_CLASSES.
     """
     num_classes = cfg.MODEL.YOLACT.NUM_CLASSES
-    names = list(cfg.MODEL.YOLACT.CLASS_NAMES)
-    if names:
-        if len(names) != num_classes:
-            raise ConfigError(
-                f"MODEL.YOLACT.CLASS_NAMES has {len(names)} names but MODEL.YOLACT.NUM_CLASSES is {num_classes}; "
-                "give one name per class"
-            )
-        return Metadata(name="yolact_class_names", thing_classes=names)
+    check_class_names(cfg)
+    if cfg.MODEL.YOLACT.CLASS_NAMES:
+        return Metadata(name="yolact_class_names", thing_classes=list(cfg.MODEL.YOLACT.CLASS_NAMES))
+    stored = list(checkpoint_names) if checkpoint_names and len(checkpoint_names) == num_classes else None
     register_builtin_datasets()
     for dataset in list(cfg.DATASETS.TEST) + list(cfg.DATASETS.TRAIN):
         metadata = MetadataCatalog.get(dataset)
-        if len(metadata.get("thing_classes", [])) >= num_classes:
+        names = metadata.get("thing_classes", [])
+        if len(names) == num_classes:
+            if stored and list(names) != stored:
+                logger.warning(
+                    f"dataset {dataset} names the classes {_names(names)} but the checkpoint {_names(stored)}; "
+                    "drawing the dataset's (set MODEL.YOLACT.CLASS_NAMES to choose)"
+                )
             return metadata
+    if stored:
+        return Metadata(name="yolact_checkpoint_class_names", thing_classes=stored)
     coco = _get_builtin_metadata("coco")
     if num_classes <= len(coco["thing_classes"]):
         if num_classes != len(coco["thing_classes"]):
             logger.warning(
-                f"no class names for this {num_classes}-class model (its config's datasets name none): "
-                "drawing COCO's; set MODEL.YOLACT.CLASS_NAMES or DATASETS.TEST to the model's dataset"
+                f"no class names for this {num_classes}-class model (neither its config's datasets nor its "
+                "checkpoint name them): drawing COCO's; set MODEL.YOLACT.CLASS_NAMES or DATASETS.TEST to the "
+                "model's dataset"
             )
         return Metadata(name="coco_80_classes", **coco)
     return Metadata(name="yolact_demo", thing_classes=[f"class {i}" for i in range(num_classes)])
+
+
+def _names(names, limit: int = 6) -> str:
+    names = list(names)
+    return "[" + ", ".join(names[:limit]) + (", ..." if len(names) > limit else "") + "]"
 
 
 class YolactPredictor:
@@ -155,7 +180,12 @@ class YolactPredictor:
     Attributes:
         cfg: a frozen copy of the config.
         model: the YOLACT ``nn.Module`` in eval mode.
-        metadata: class names and colours from :func:`resolve_metadata`.
+        metadata: class names and colours from :func:`resolve_metadata`, resolved once after the
+            weights are read (names stored in the checkpoint by training count when the config's
+            datasets name none).
+        checkpoint_metadata: what training stored in the weights (``class_names``,
+            ``input_format``, ``pixel_mean``, ``pixel_std``); ``{}`` for a file without it. A stored
+            input format or normalisation other than the config's is used instead, with a warning.
 
     Device: ``device`` if given (``DeviceUnavailableError`` when it is a CUDA device and there is no
     GPU), else ``cfg.MODEL.DEVICE``, where a CUDA device on a machine without one falls back to the
@@ -175,24 +205,28 @@ class YolactPredictor:
         self.cfg.defrost()
         self.cfg.MODEL.DEVICE = resolve_device(device or self.cfg.MODEL.DEVICE, explicit=device is not None)
         self.cfg.freeze()
-        self.input_format = self.cfg.INPUT.FORMAT
-        if self.input_format not in ("RGB", "BGR"):
-            raise ConfigError(f"INPUT.FORMAT is {self.input_format!r}; YolactPredictor supports 'RGB' or 'BGR'")
+        if self.cfg.INPUT.FORMAT not in ("RGB", "BGR"):
+            raise ConfigError(f"INPUT.FORMAT is {self.cfg.INPUT.FORMAT!r}; YolactPredictor supports 'RGB' or 'BGR'")
+        check_class_names(self.cfg)  # before the slow load
         self.model = build_model(self.cfg)
         self.model.eval()
-        self.metadata = resolve_metadata(self.cfg)
-        self._load_weights(self.cfg.MODEL.WEIGHTS)
+        # What training stored beside the tensors: class names and input format (older files: none).
+        self.checkpoint_metadata = checkpoint_metadata(self._load_weights(self.cfg.MODEL.WEIGHTS))
+        self.cfg = adopt_input_format(self.cfg, self.model, self.checkpoint_metadata, self.cfg.MODEL.WEIGHTS)
+        self.input_format = self.cfg.INPUT.FORMAT
+        self.metadata = resolve_metadata(self.cfg, self.checkpoint_metadata.get("class_names"))
         min_size = self.cfg.INPUT.MIN_SIZE_TEST
         # The model resizes to INPUT_SIZE itself; a resize here only when a config asks for one.
         self.aug = T.ResizeShortestEdge([min_size, min_size], self.cfg.INPUT.MAX_SIZE_TEST) if min_size > 0 else None
 
-    def _load_weights(self, path: str) -> None:
+    def _load_weights(self, path: str) -> Dict:
+        """Load ``path`` into the model; returns the checkpoint's other keys (``Checkpointer.load``)."""
         if not path:
             logger.warning(
                 "MODEL.WEIGHTS is empty: the model keeps its random initialisation and its "
                 "predictions are meaningless (set MODEL.WEIGHTS to a YOLACT checkpoint)"
             )
-            return
+            return {}
         parsed = urlparse(path)
         if not parsed.scheme and not os.path.isfile(parsed._replace(query="").geturl()):
             raise MissingFileError(f"MODEL.WEIGHTS file {path} not found")
@@ -200,7 +234,7 @@ class YolactPredictor:
         checkpointer = _RecordingCheckpointer(self.model)
         fix = "use a YOLACT checkpoint made for this config (ResNet depth, NUM_CLASSES, YOLACT vs YOLACT++)"
         try:
-            checkpointer.load(path)
+            extra = checkpointer.load(path)
         except _UnreadableCheckpoint as e:
             raise CheckpointLayoutError(f"{path} is not a readable model checkpoint ({e})") from e
         except CheckpointLayoutError as e:
@@ -214,7 +248,7 @@ class YolactPredictor:
 
         incompatible = checkpointer.incompatible
         if incompatible is None:
-            return
+            return extra
         missing = [
             k for k in incompatible.missing_keys
             if not k.endswith(_OPTIONAL_SUFFIXES) and not k.startswith(_OPTIONAL_PREFIXES)
@@ -230,6 +264,7 @@ class YolactPredictor:
                 f"{path} does not fit this YOLACT model: {len(missing)} of {total} model parameters "
                 f"missing from it{shape_note} (e.g. {', '.join(missing[:3])}); {fix}"
             )
+        return extra
 
     def _prepare(self, image: np.ndarray) -> Dict:
         image = _as_bgr(image)

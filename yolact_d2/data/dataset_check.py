@@ -283,6 +283,7 @@ def check_datasets(cfg, names: Sequence[str], split: str, load, writable: bool =
         writable: whether this process writes the cache (rank 0 of a distributed run).
     Raises:
         DatasetError: a fatal fault (see the module docstring).
+        MissingFileError: a TEST set's JSON or an image that is not on disk.
     """
     from detectron2.data import DatasetCatalog, MetadataCatalog
 
@@ -293,6 +294,11 @@ def check_datasets(cfg, names: Sequence[str], split: str, load, writable: bool =
     for n, json_file in jsons.items():
         if json_file and os.path.isfile(json_file):
             check_json_categories(json_file, n)
+        elif json_file and split == "TEST":  # would otherwise fail only after training, with a traceback
+            raise MissingFileError(
+                f"dataset {n} (DATASETS.TEST): annotation file {json_file} not found; give the dataset's files "
+                "(e.g. --val-json / --val-images) or set DATASETS.TEST to a dataset you have"
+            )
     cache = ImageCheckCache(os.path.join(cfg.OUTPUT_DIR, CACHE_NAME) if cfg.OUTPUT_DIR else None, writable)
     try:
         if split == "TRAIN":
