@@ -22,10 +22,14 @@ INTERNAL = ["ValueError", "KeyError", "RuntimeError"]
 
 def test_error_types_keep_their_builtin_bases():
     from yolact_d2.checkpoint import CheckpointLayoutError
+    from yolact_d2.compare import CompareError
     from yolact_d2.errors import ConfigError, DatasetError, DeviceUnavailableError, MissingFileError, YolactUserError
+    from yolact_d2.export import ExportError
+    from yolact_d2.runtime import ExportedModelError
 
     for cls, base in ((ConfigError, ValueError), (DatasetError, ValueError), (MissingFileError, FileNotFoundError),
-                      (DeviceUnavailableError, RuntimeError), (CheckpointLayoutError, ValueError)):
+                      (DeviceUnavailableError, RuntimeError), (CheckpointLayoutError, ValueError),
+                      (CompareError, ValueError), (ExportError, ValueError), (ExportedModelError, ValueError)):
         assert issubclass(cls, YolactUserError) and issubclass(cls, base)
 
 

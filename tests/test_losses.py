@@ -60,6 +60,28 @@ def test_matching_rules():
     assert torch.all(labels == 10)  # no ground truth: all background
 
 
+def test_crowd_boxes_ignore_the_priors_they_cover_by_the_brute_force_definition():
+    """A non-positive prior is ignored (-1) exactly when some crowd box covers more than
+    crowd_thresh of the prior's own area (the original's crowd_iou, intersection over the prior),
+    checked prior by prior with plain Python arithmetic on 300 random priors and 4 crowds."""
+    g = torch.Generator().manual_seed(0)
+    xy = torch.rand(300, 2, generator=g) * 0.8
+    priors = torch.cat([xy, xy + 0.02 + torch.rand(300, 2, generator=g) * 0.2], 1)
+    cxy = torch.rand(4, 2, generator=g) * 0.5
+    crowd = torch.cat([cxy, cxy + 0.2 + torch.rand(4, 2, generator=g) * 0.3], 1)
+    gt = torch.tensor([[0.1, 0.1, 0.3, 0.35]])
+    labels, _ = match_priors(priors, gt, torch.tensor([2]), crowd, num_classes=5, crowd_thresh=0.7)
+    plain, _ = match_priors(priors, gt, torch.tensor([2]), None, num_classes=5)
+    ignored_by_crowd = 0
+    for i, (x0, y0, x1, y1) in enumerate(priors.tolist()):
+        share = max(max(0.0, min(x1, c[2]) - max(x0, c[0])) * max(0.0, min(y1, c[3]) - max(y0, c[1]))
+                    for c in crowd.tolist()) / ((x1 - x0) * (y1 - y0))
+        want = -1 if plain[i] in (5, -1) and share > 0.7 else plain[i]
+        assert labels[i] == want, (i, share)
+        ignored_by_crowd += int(want == -1 and plain[i] == 5)
+    assert ignored_by_crowd >= 10  # the case is exercised
+
+
 def test_image_without_instances_trains_and_gradients_flow():
     model = freeze_bn(build_model(yolact_cfg(opts=["MODEL.YOLACT.INPUT_SIZE", "160"])))
     g = torch.Generator().manual_seed(0)

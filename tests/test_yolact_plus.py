@@ -10,14 +10,14 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from detectron2.layers import get_norm
+from detectron2.layers import ShapeSpec, get_norm
 from detectron2.modeling import build_model
 from detectron2.modeling.backbone.resnet import BottleneckBlock
 
 import original_oracle as oracle
 from conftest import DATA, REFERENCE, matched_detections, need, yolact_cfg
 from test_checkpoint import original_layout
-from yolact_d2.backbone import ModulatedDeformConv
+from yolact_d2.backbone import ModulatedDeformConv, build_yolact_resnet
 
 PLUS_SCALES = [[s * 2 ** (j / 3) for j in range(3)] for s in (24, 48, 96, 192, 384)]
 V1_SCALES = [[24], [48], [96], [192], [384]]
@@ -154,6 +154,22 @@ def test_deformable_blocks_sit_where_the_original_puts_them():
     }
     expected = {"res3.0", "res3.3", "res5.0"} | {f"res4.{i}" for i in range(0, 23, 3)}
     assert deformable == expected
+
+
+@pytest.mark.parametrize("opts, message", [
+    (["MODEL.RESNETS.DEFORM_MODULATED", "False"], "DEFORM_MODULATED is False.*set MODEL.RESNETS.DEFORM_MODULATED True"),
+    (["MODEL.RESNETS.DEFORM_NUM_GROUPS", "2"], "DEFORM_NUM_GROUPS is 2.*set MODEL.RESNETS.DEFORM_NUM_GROUPS 1"),
+])
+def test_deformable_options_the_model_cannot_honour_are_refused(opts, message):
+    """detectron2's DCNv1 default or several offset groups would silently build another model
+    than YOLACT++'s (DCNv2, one group): refused in one line naming the key. Without a deformable
+    stage the same keys are unused and accepted."""
+    from yolact_d2.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message) as e:
+        build_yolact_resnet(yolact_cfg("configs/pennfudan/yolact_plus_R_50_FPN_320.yaml", opts), ShapeSpec(channels=3))
+    assert "\n" not in str(e.value)
+    build_yolact_resnet(yolact_cfg("configs/pennfudan/yolact_R_18_FPN_320.yaml", opts), ShapeSpec(channels=3))
 
 
 @CUDA

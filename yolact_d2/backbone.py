@@ -134,13 +134,31 @@ def build_yolact_resnet(cfg, input_shape: ShapeSpec) -> Backbone:
     ``i % MODEL.YOLACT.DEFORM_INTERVAL == 0`` (YOLACT++ R-101: interval 3, i.e. blocks 0, 3 of res3,
     0, 3, ..., 21 of res4 and 0 of res5; R-50: interval 1, every block of res3-res5).
 
+    YOLACT++'s deformable convs are DCNv2 (modulated) with one offset group, the only kind the
+    published checkpoints hold: ``MODEL.RESNETS.DEFORM_MODULATED`` must be True and
+    ``DEFORM_NUM_GROUPS`` 1 whenever a stage is deformable. detectron2's defaults (False, i.e.
+    DCNv1) would otherwise turn a config silently into another model.
+
     Raises:
-        ValueError: deformable blocks requested on a BasicBlock ResNet (R-18/34), or an interval < 1.
+        ConfigError (a ValueError): deformable blocks requested on a BasicBlock ResNet (R-18/34),
+            an interval < 1, ``DEFORM_MODULATED`` False or ``DEFORM_NUM_GROUPS`` != 1 with a
+            deformable stage.
     """
-    deform = list(cfg.MODEL.RESNETS.DEFORM_ON_PER_STAGE)
+    r = cfg.MODEL.RESNETS
+    deform = list(r.DEFORM_ON_PER_STAGE)
     interval = cfg.MODEL.YOLACT.DEFORM_INTERVAL
-    if any(deform) and cfg.MODEL.RESNETS.DEPTH in (18, 34):
+    if any(deform) and r.DEPTH in (18, 34):
         raise ConfigError("MODEL.RESNETS.DEFORM_ON_PER_STAGE needs a bottleneck ResNet (DEPTH 50 or 101)")
+    if any(deform) and not r.DEFORM_MODULATED:
+        raise ConfigError(
+            "MODEL.RESNETS.DEFORM_MODULATED is False, but YOLACT++'s deformable convs are modulated "
+            "(DCNv2); set MODEL.RESNETS.DEFORM_MODULATED True"
+        )
+    if any(deform) and r.DEFORM_NUM_GROUPS != 1:
+        raise ConfigError(
+            f"MODEL.RESNETS.DEFORM_NUM_GROUPS is {r.DEFORM_NUM_GROUPS}; YOLACT++'s deformable convs have one "
+            "offset group: set MODEL.RESNETS.DEFORM_NUM_GROUPS 1"
+        )
     if interval < 1:
         raise ConfigError(f"MODEL.YOLACT.DEFORM_INTERVAL must be >= 1, got {interval}")
     plain_cfg = copy.deepcopy(cfg)

@@ -38,6 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+from .errors import YolactUserError
+
 __all__ = [
     "CompareError", "ModelSpec", "Dataset", "METRICS", "README_BEGIN", "README_END",
     "scaled_schedule_opts", "resolve_weights", "run_comparison", "markdown_table", "render_markdown",
@@ -57,8 +59,8 @@ DEFAULT_CONFIGS = {
 LABELS = {"yolact": "YOLACT", "yolact_plus": "YOLACT++", "mask_rcnn": "Mask R-CNN"}
 
 
-class CompareError(Exception):
-    """A user mistake, with a one-line message that names the problem and the fix."""
+class CompareError(YolactUserError, ValueError):
+    """A user mistake in a comparison (specs, report, README markers): one line naming the fix."""
 
 
 @dataclass

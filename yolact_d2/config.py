@@ -3,7 +3,10 @@
 Every option the plugin reads lives here, with the original implementation's value as default
 (``yolact_resnet50_config`` of the authors' code unless a comment says otherwise).
 """
+import logging
+
 from detectron2.config import CfgNode as CN
+from detectron2.utils.logger import log_first_n
 
 
 def add_yolact_config(cfg):
@@ -79,8 +82,10 @@ def add_yolact_config(cfg):
     _C.MODEL.YOLACT.NMS_THRESH_TEST = 0.5
     # Candidates per class considered by NMS, highest scores first.
     _C.MODEL.YOLACT.NMS_TOP_K = 200
-    # Detections kept per image after NMS, over all classes.
-    _C.MODEL.YOLACT.DETECTIONS_PER_IMAGE = 100
+    # Detections kept per image after NMS, over all classes: detectron2's TEST.DETECTIONS_PER_IMAGE
+    # (100, the original's max_num_detections). This old key is a deprecated alias: -1 = unset; a
+    # value >= 0 (older saved config.yaml files) still wins, with one warning.
+    _C.MODEL.YOLACT.DETECTIONS_PER_IMAGE = -1
     # Assembled masks are binarised at this probability after upsampling.
     _C.MODEL.YOLACT.MASK_THRESHOLD = 0.5
 
@@ -163,3 +168,66 @@ def add_yolact_config(cfg):
     _C.INPUT.SSD.MIN_IOU_CROP = True
     # Boxes narrower or shorter than this many pixels after the final resize are dropped.
     _C.INPUT.SSD.MIN_BOX_SIZE = 4.0
+
+
+def detections_per_image(cfg) -> int:
+    """Detections kept per image: ``TEST.DETECTIONS_PER_IMAGE``, unless the deprecated alias
+    ``MODEL.YOLACT.DETECTIONS_PER_IMAGE`` is set (>= 0), which wins with one warning line."""
+    alias = cfg.MODEL.YOLACT.DETECTIONS_PER_IMAGE
+    if alias < 0:
+        return cfg.TEST.DETECTIONS_PER_IMAGE
+    log_first_n(
+        logging.WARNING,
+        f"MODEL.YOLACT.DETECTIONS_PER_IMAGE ({alias}) is deprecated; use TEST.DETECTIONS_PER_IMAGE {alias}",
+        n=1, name="yolact_d2",
+    )
+    return alias
+
+
+def _one_line(e) -> str:
+    text = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+    return " ".join(str(text).split())[:300]
+
+
+def load_config(config_file: str, opts=()):
+    """detectron2's defaults, :func:`add_yolact_config`, then ``config_file`` and ``opts`` (KEY
+    VALUE pairs, as ``--opts`` / trailing arguments give them): the one config loader of every
+    entry point (``train_net.py``, the demo, the tools). Returns the (unfrozen) ``CfgNode``.
+
+    Raises:
+        MissingFileError: ``config_file`` does not exist.
+        ConfigError: invalid YAML, an unknown key (in the file or in ``opts``), a value of the wrong
+            type, or an odd number of ``opts``; the one-line message names the file or ``opts``
+            and the key.
+    """
+    import os
+
+    import yaml
+    from detectron2.config import get_cfg
+
+    from .errors import ConfigError, MissingFileError
+
+    if not os.path.isfile(config_file):
+        raise MissingFileError(f"config file {config_file} not found; pass --config-file configs/<name>.yaml")
+    cfg = get_cfg()
+    add_yolact_config(cfg)
+    try:
+        cfg.merge_from_file(config_file)
+    except KeyError as e:  # yacs: "Non-existent config key: ..."
+        raise ConfigError(f"{config_file}: {_one_line(e)}; remove or correct that key") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{config_file} is not valid YAML: {_one_line(e)}") from None
+    except (OSError, ValueError, AssertionError, TypeError) as e:
+        raise ConfigError(f"cannot use config file {config_file}: {_one_line(e)}") from None
+    opts = list(opts)
+    if len(opts) % 2:
+        raise ConfigError(f"options need KEY VALUE pairs, got an odd number of items: {' '.join(map(str, opts))}")
+    try:
+        cfg.merge_from_list(opts)
+    except KeyError as e:
+        raise ConfigError(
+            f"options: {_one_line(e)}; see yolact_d2/config.py and detectron2's config/defaults.py"
+        ) from None
+    except (ValueError, AssertionError, TypeError) as e:  # yacs: a value of another type
+        raise ConfigError(f"options: {_one_line(e)}") from None
+    return cfg

@@ -27,7 +27,7 @@ from detectron2.structures import BoxMode
 from detectron2.utils.events import get_event_storage
 
 from .errors import ConfigError
-from .priors import make_priors, priors_to_boxes
+from .priors import feature_sizes, make_priors, priors_to_boxes  # noqa: F401 (feature_sizes: re-exported)
 
 __all__ = [
     "DEAD_EPS",
@@ -171,12 +171,6 @@ class TrainingDiagnostics:
 
 
 # ----------------------------------------------------------------------------- prior coverage
-def feature_sizes(input_size: int, levels: Sequence[int] = (3, 4, 5, 6, 7)) -> List[tuple]:
-    """(h, w) of the FPN levels for a square input: every stride-2 conv (padding 1) and the ResNet
-    max-pool round up, so P_l has ceil(S / 2^l) cells (550: 69, 35, 18, 9, 5; 320: 40, 20, 10, 5, 3)."""
-    return [(math.ceil(input_size / 2 ** lvl),) * 2 for lvl in levels]
-
-
 def prior_coverage(boxes: Sequence[torch.Tensor], priors: torch.Tensor, pos_thresh: float) -> Dict[str, float]:
     """How well priors cover a set of objects.
 

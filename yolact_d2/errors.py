@@ -5,7 +5,9 @@ line without a traceback; any other exception is a bug and keeps its traceback. 
 derives from the built-in type callers already catch (``ValueError``, ``FileNotFoundError``, ...).
 """
 
-__all__ = ["YolactUserError", "ConfigError", "DatasetError", "MissingFileError", "DeviceUnavailableError"]
+import sys
+
+__all__ = ["YolactUserError", "ConfigError", "DatasetError", "MissingFileError", "DeviceUnavailableError", "run_main"]
 
 
 class YolactUserError(Exception):
@@ -28,3 +30,15 @@ class MissingFileError(YolactUserError, FileNotFoundError):
 
 class DeviceUnavailableError(YolactUserError, RuntimeError):
     """An explicitly requested device (e.g. ``--device cuda``) that this machine does not have."""
+
+
+def run_main(main, prog: str, exit_code: int = 2):
+    """Run an entry point's ``main()`` as a command: a :class:`YolactUserError` prints
+    ``"<prog>: error: <message>"`` as one line on stderr and exits with ``exit_code``; an ``int``
+    result is the exit status; any other exception propagates with its traceback (a bug)."""
+    try:
+        result = main()
+    except YolactUserError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        sys.exit(exit_code)
+    sys.exit(result if isinstance(result, int) else 0)

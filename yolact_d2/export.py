@@ -30,6 +30,7 @@ exporter has none for torchvision's ``deform_conv2d``.
 """
 import json
 import logging
+import math
 import os
 import warnings
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -43,7 +44,7 @@ from .backbone import ModulatedDeformConv
 from .errors import YolactUserError
 from .fast_nms import fast_nms_static
 from .mask_assembly import assemble_masks, crop_masks
-from .priors import priors_to_boxes
+from .priors import feature_sizes, priors_to_boxes, to_pixel_boxes
 
 __all__ = [
     "ExportError", "RawGraph", "EndToEndGraph", "export_model", "export_metadata", "quantize_onnx",
@@ -120,20 +121,15 @@ class RawGraph(nn.Module):
     def __init__(self, model):
         super().__init__()
         self.model = model
-        s = model.input_size
-        with torch.no_grad():
-            sizes = [tuple(int(v) for v in f.shape[-2:]) for f in self._level_features(s)]
+        shapes = model.backbone.output_shape()
+        sizes = feature_sizes(model.input_size, [int(math.log2(shapes[f].stride)) for f in model.in_features])
         self.register_buffer("priors", model.prior_generator(sizes, model.device).clone(), False)
 
-    def _level_features(self, s):
-        x = torch.zeros(1, 3, s, s, device=self.model.device)
-        features = self.model.backbone(x)
-        return [features[f] for f in self.model.in_features]
-
     def forward(self, images: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-        box_deltas, class_logits, mask_coeffs, prototypes, _, _, _ = self.model._network(images)
+        out = self.model._network(images)
         # "+ images[:0].sum()" (adds 0): a graph output must depend on the input for the tracer.
-        return box_deltas, self.model.class_scores(class_logits), mask_coeffs, prototypes, self.priors + images[:0].sum()
+        return (out.box_deltas, self.model.class_scores(out.class_logits), out.mask_coeffs, out.prototypes,
+                self.priors + images[:0].sum())
 
 
 class EndToEndGraph(nn.Module):
@@ -176,13 +172,7 @@ class EndToEndGraph(nn.Module):
         index, classes, det_scores = index[keep], classes[keep], det_scores[keep]
         boxes = boxes[index]
         soft = crop_masks(assemble_masks(prototypes[0], mask_coeffs[0][index]), boxes)
-        size = torch.stack([width, height, width, height]).to(boxes.dtype) if torch.is_tensor(width) \
-            else boxes.new_tensor([width, height, width, height])
-        pixel_boxes = boxes * size
-        pixel_boxes = torch.cat(
-            [torch.min(pixel_boxes[:, :2], pixel_boxes[:, 2:]), torch.max(pixel_boxes[:, :2], pixel_boxes[:, 2:])], dim=1
-        )
-        pixel_boxes = torch.min(pixel_boxes.clamp(min=0), size)
+        pixel_boxes = to_pixel_boxes(boxes, height, width)
         # One blank mask appended and dropped again: resize refuses an empty batch (no detection).
         padded = torch.cat([soft, soft.new_zeros((1,) + soft.shape[1:])])
         up = F.interpolate(padded[None], size=(height, width), mode="bilinear", align_corners=False)
@@ -190,12 +180,8 @@ class EndToEndGraph(nn.Module):
         # a quarter of the float bytes (the float copy took 136 ms per 100 masks at 640x426).
         masks = (up > m.mask_threshold).to(torch.uint8).squeeze(0)[:-1]
         outputs = (pixel_boxes, det_scores, classes, masks)
-        if m.mask_rescoring is not None:
-            # On the padded batch too: predict_iou's empty-input branch would be traced as a
-            # constant when the sample image has no detection.
-            padded_classes = torch.cat([classes, classes.new_zeros(1)])
-            iou = m.mask_rescoring(padded[:, None]).gather(1, padded_classes[:, None]).squeeze(1)[:-1]
-            outputs += (det_scores * iou,)
+        if m.mask_rescoring is not None:  # the eager model's re-scoring, branch-free
+            outputs += (det_scores * m.mask_rescoring.predict_iou(soft, classes),)
         return outputs
 
 

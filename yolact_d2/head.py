@@ -9,7 +9,18 @@ from detectron2.layers import Conv2d, get_norm
 
 from .errors import ConfigError
 
-__all__ = ["YolactHead"]
+__all__ = ["YolactHead", "xavier_init_convs"]
+
+
+def xavier_init_convs(modules) -> None:
+    """The original's ``init_weights``: Xavier-uniform weights and zero biases for every
+    ``nn.Conv2d`` among ``modules`` (an iterable of modules, visited in order: the order fixes
+    which random numbers each conv draws)."""
+    for m in modules:
+        if isinstance(m, nn.Conv2d):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
 
 
 class YolactHead(nn.Module):
@@ -50,11 +61,7 @@ class YolactHead(nn.Module):
         self.bbox_pred = nn.Conv2d(in_channels, a * 4, 3, padding=1)
         self.cls_score = nn.Conv2d(in_channels, a * (num_classes + 1), 3, padding=1)
         self.coeff_pred = nn.Conv2d(in_channels, a * num_prototypes, 3, padding=1)
-        for m in self.modules():  # original init_weights: Xavier-uniform weights, zero biases
-            if isinstance(m, nn.Conv2d):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        xavier_init_convs(self.modules())
 
     def init_focal_bias(self, prior_prob: float) -> None:
         """Start every foreground probability sigmoid(logit) at ``prior_prob`` (in (0, 1)), as the

@@ -21,7 +21,7 @@ from typing import Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
-from detectron2.structures import BitMasks, Boxes, Instances, PolygonMasks
+from detectron2.structures import BitMasks, Boxes, Instances, PolygonMasks, pairwise_ioa
 from torchvision.ops import box_iou, sigmoid_focal_loss
 
 from .mask_assembly import assemble_masks, crop_masks
@@ -78,11 +78,8 @@ def match_priors(
         labels[best_overlap < pos_thresh] = -1
         labels[best_overlap < neg_thresh] = num_classes
     if crowd_boxes is not None and crowd_boxes.shape[0] > 0:
-        lt = torch.max(crowd_boxes[:, None, :2], prior_boxes[None, :, :2])
-        rb = torch.min(crowd_boxes[:, None, 2:], prior_boxes[None, :, 2:])
-        inter = (rb - lt).clamp(min=0).prod(dim=-1)
-        prior_area = (prior_boxes[:, 2] - prior_boxes[:, 0]) * (prior_boxes[:, 3] - prior_boxes[:, 1])
-        covered = (inter / prior_area).max(dim=0).values > crowd_thresh
+        # Share of each prior inside a crowd box (the original's crowd_iou, intersection over the prior).
+        covered = pairwise_ioa(Boxes(crowd_boxes), Boxes(prior_boxes)).max(dim=0).values > crowd_thresh
         labels[((labels == num_classes) | (labels < 0)) & covered] = -1
     if return_gt_best_iou:
         return labels, matched, gt_best_iou

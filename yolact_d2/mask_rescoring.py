@@ -29,7 +29,13 @@ class FastMaskIoUNet(nn.Module):
         return self.layers(masks).amax(dim=(2, 3))
 
     def predict_iou(self, masks: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
-        """IoU predicted for each mask's own class: masks (D, h, w), classes (D,) -> (D,)."""
-        if masks.shape[0] == 0:
-            return masks.new_zeros(0)
-        return self(masks[:, None]).gather(1, classes[:, None]).squeeze(1)
+        """IoU predicted for each mask's own class: masks (D, h, w), classes (D,) -> (D,); D may be 0.
+
+        One blank mask rides along and is dropped: a convolution refuses an empty batch, and a
+        branch on D would be frozen into a traced graph (an export traced on an image without
+        detections would then score every later image as empty). The eager model and the exported
+        graph both run this code.
+        """
+        padded = torch.cat([masks, masks.new_zeros((1,) + masks.shape[1:])])
+        padded_classes = torch.cat([classes, classes.new_zeros(1)])
+        return self(padded[:, None]).gather(1, padded_classes[:, None]).squeeze(1)[:-1]

@@ -1,26 +1,44 @@
 """The YOLACT / YOLACT++ meta-architecture, registered as ``META_ARCHITECTURE: "YOLACT"``."""
 import contextlib
-from typing import Dict, List
+from typing import Dict, List, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
 from detectron2.structures import Boxes, Instances
 
 from .checkpoint import upgrade_state_dict
 from .diagnostics import TrainingDiagnostics
+from .config import detections_per_image
 from .errors import ConfigError
 from .fast_nms import multiclass_nms
-from .head import YolactHead
+from .head import YolactHead, xavier_init_convs
 from .losses import YolactLoss
 from .mask_rescoring import FastMaskIoUNet
 from .mask_assembly import assemble_masks, crop_masks, upsample_masks
-from .priors import PriorGenerator, build_box_coder, priors_to_boxes
+from .priors import PriorGenerator, build_box_coder, priors_to_boxes, to_pixel_boxes
 from .protonet import ProtoNet
 
-__all__ = ["YOLACT"]
+__all__ = ["YOLACT", "NetworkOutputs"]
+
+
+class NetworkOutputs(NamedTuple):
+    """What :meth:`YOLACT._network` returns for N images of S x S (A priors over all levels).
+
+    box_deltas (N, A, 4), class_logits (N, A, C + 1) background last, mask_coeffs (N, A, k) in
+    [-1, 1], prototypes (N, h, w, k) on P3's grid, proto_features (N, 256, h, w) (P3, the
+    semantic head's input), level_features: one (N, 256, h_l, w_l) map per head level.
+    """
+
+    box_deltas: torch.Tensor
+    class_logits: torch.Tensor
+    mask_coeffs: torch.Tensor
+    prototypes: torch.Tensor
+    proto_features: torch.Tensor
+    level_features: List[torch.Tensor]
 
 
 @META_ARCH_REGISTRY.register()
@@ -46,93 +64,174 @@ class YOLACT(nn.Module):
     converted when loaded (see :mod:`yolact_d2.checkpoint`).
     """
 
-    def __init__(self, cfg):
+    @configurable
+    def __init__(
+        self,
+        *,
+        backbone: nn.Module,
+        head: YolactHead,
+        protonet: ProtoNet,
+        sem_seg_head: nn.Module,
+        prior_generator: PriorGenerator,
+        box_coder,
+        criterion,
+        num_classes: int,
+        input_size: int,
+        in_features: List[str],
+        protonet_in_feature: str,
+        pixel_mean: Sequence[float],
+        pixel_std: Sequence[float],
+        mask_rescoring: Optional[FastMaskIoUNet] = None,
+        diagnostics: Optional[TrainingDiagnostics] = None,
+        score_thresh: float = 0.05,
+        nms_type: str = "fast",
+        nms_class_agnostic: bool = False,
+        nms_thresh: float = 0.5,
+        nms_top_k: int = 200,
+        max_detections: int = 100,
+        mask_threshold: float = 0.5,
+        class_loss: str = "ohem",
+        non_original_options: Optional[Dict[str, str]] = None,
+        compile_mode: str = "",
+        channels_last: bool = False,
+    ):
+        """Built from a config (``YOLACT(cfg)``, as ``build_model`` does, through
+        :meth:`from_config`) or from its parts, as detectron2's ``RetinaNet``.
+
+        Args:
+            backbone: a detectron2 ``Backbone`` whose ``output_shape()`` has ``in_features`` and
+                ``protonet_in_feature``; head, protonet, sem_seg_head (a 1x1 conv P3 -> C,
+                training only), prior_generator, box_coder (``Box2BoxTransform``), criterion
+                (``YolactLoss``-like callable), mask_rescoring (YOLACT++), diagnostics: the parts,
+                used as given (their weights are not re-initialised here).
+            num_classes: C; input_size: S, the square input side in pixels.
+            pixel_mean, pixel_std: per input channel, 0-255 units.
+            score_thresh, nms_type ("fast", "cluster", "standard"), nms_class_agnostic,
+            nms_thresh, nms_top_k, max_detections, mask_threshold: detection settings (see
+                ``add_yolact_config``); class_loss: "ohem" (softmax scores) or "sigmoid_focal".
+            non_original_options: options that make an original checkpoint unusable (refused on load).
+            compile_mode: ``torch.compile`` mode of the inference network ("" = eager);
+            channels_last: run the convolutions in channels-last memory format.
+
+        Raises:
+            ConfigError: an unknown nms_type or class_loss, features the backbone lacks, or
+                pixel_mean and pixel_std of different lengths.
+        """
         super().__init__()
-        y = cfg.MODEL.YOLACT
-        self.num_classes = y.NUM_CLASSES
-        self.input_size = y.INPUT_SIZE
-        self.in_features = list(y.IN_FEATURES)
-        self.protonet_in_feature = y.PROTONET_IN_FEATURE
-        self.score_thresh = y.SCORE_THRESH_TEST
-        self.nms_type = y.NMS_TYPE
-        self.nms_class_agnostic = y.NMS_CLASS_AGNOSTIC
-        self.nms_thresh = y.NMS_THRESH_TEST
-        self.nms_top_k = y.NMS_TOP_K
-        self.max_detections = y.DETECTIONS_PER_IMAGE
-        self.mask_threshold = y.MASK_THRESHOLD
-        if self.nms_type not in ("fast", "cluster", "standard"):
-            raise ConfigError(
-                f"MODEL.YOLACT.NMS_TYPE is {self.nms_type!r}; use 'fast', 'cluster' or 'standard'"
-            )
-
-        self.backbone = build_backbone(cfg)
-        shapes = self.backbone.output_shape()
-        missing = [f for f in self.in_features + [self.protonet_in_feature] if f not in shapes]
-        if missing:
-            raise ConfigError(f"MODEL.YOLACT features {missing} are not produced by the backbone ({list(shapes)})")
-        channels = shapes[self.in_features[0]].channels
-        self.prior_generator = PriorGenerator(
-            y.ANCHOR_SCALES, y.ANCHOR_ASPECT_RATIOS, y.INPUT_SIZE, y.SQUARE_ANCHORS
-        )
-        if len(y.ANCHOR_SCALES) != len(self.in_features):
-            raise ConfigError(
-                f"MODEL.YOLACT.ANCHOR_SCALES has {len(y.ANCHOR_SCALES)} levels, IN_FEATURES {len(self.in_features)}"
-            )
-        if y.CLASS_LOSS not in ("ohem", "sigmoid_focal"):
-            raise ConfigError(f"MODEL.YOLACT.CLASS_LOSS is {y.CLASS_LOSS!r}; use 'ohem' or 'sigmoid_focal'")
-        self.class_loss = y.CLASS_LOSS
-        self.head = YolactHead(
-            channels, self.prior_generator.num_priors_per_location, self.num_classes, y.NUM_PROTOTYPES,
-            norm=y.HEAD_NORM,
-        )
-        self.protonet = ProtoNet(
-            shapes[self.protonet_in_feature].channels, y.NUM_PROTOTYPES,
-            norm=y.PROTONET_NORM, prototype_activation=y.PROTOTYPE_ACTIVATION,
-        )
-        # Options that add parameters the published models lack: an original checkpoint is refused.
-        self.non_original_options = {
-            k: v for k, v in (
-                ("MODEL.FPN.NORM", cfg.MODEL.FPN.NORM),
-                ("MODEL.YOLACT.HEAD_NORM", y.HEAD_NORM),
-                ("MODEL.YOLACT.PROTONET_NORM", y.PROTONET_NORM),
-            ) if v
-        }
-        # Auxiliary semantic segmentation on P3 (paper Sec. 3.5), used by the training loss only.
-        self.sem_seg_head = nn.Conv2d(shapes[self.protonet_in_feature].channels, self.num_classes, 1)
-        self.box_coder = build_box_coder(y.BBOX_REG_WEIGHTS)
-        self.mask_rescoring = None
-        if y.MASK_RESCORING.ENABLED:
-            self.mask_rescoring = FastMaskIoUNet(self.num_classes)
-        self._init_weights()
-        if self.class_loss == "sigmoid_focal":
-            self.head.init_focal_bias(y.FOCAL_LOSS_PRIOR_PROB)
-
-        if len(cfg.MODEL.PIXEL_MEAN) != len(cfg.MODEL.PIXEL_STD):
+        if nms_type not in ("fast", "cluster", "standard"):
+            raise ConfigError(f"MODEL.YOLACT.NMS_TYPE is {nms_type!r}; use 'fast', 'cluster' or 'standard'")
+        if class_loss not in ("ohem", "sigmoid_focal"):
+            raise ConfigError(f"MODEL.YOLACT.CLASS_LOSS is {class_loss!r}; use 'ohem' or 'sigmoid_focal'")
+        if len(pixel_mean) != len(pixel_std):
             raise ConfigError("MODEL.PIXEL_MEAN and MODEL.PIXEL_STD must have the same length")
-        self.register_buffer("pixel_mean", torch.tensor(cfg.MODEL.PIXEL_MEAN).view(-1, 1, 1), False)
-        self.register_buffer("pixel_std", torch.tensor(cfg.MODEL.PIXEL_STD).view(-1, 1, 1), False)
-        self.criterion = YolactLoss(cfg)
-        d = y.DIAGNOSTICS
-        self.diagnostics = (
-            TrainingDiagnostics(d.WARN_WINDOW, d.DEAD_SHARE_WARN, d.FORCED_ONLY_WARN) if d.ENABLED else None
-        )
+        self.num_classes = num_classes
+        self.input_size = input_size
+        self.in_features = list(in_features)
+        self.protonet_in_feature = protonet_in_feature
+        self.score_thresh = score_thresh
+        self.nms_type = nms_type
+        self.nms_class_agnostic = nms_class_agnostic
+        self.nms_thresh = nms_thresh
+        self.nms_top_k = nms_top_k
+        self.max_detections = max_detections
+        self.mask_threshold = mask_threshold
+        self.class_loss = class_loss
+        self.backbone = backbone
+        self.prior_generator = prior_generator
+        self.head = head
+        self.protonet = protonet
+        self.non_original_options = dict(non_original_options or {})
+        self.sem_seg_head = sem_seg_head
+        self.box_coder = box_coder
+        self.mask_rescoring = mask_rescoring
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+        self.criterion = criterion
+        self.diagnostics = diagnostics
         self.register_load_state_dict_pre_hook(upgrade_state_dict)
-        self.compile_mode = y.COMPILE
+        self.compile_mode = compile_mode
         self._compiled = None
-        self.channels_last = y.CHANNELS_LAST
+        self.channels_last = channels_last
         if self.channels_last:
             self.to(memory_format=torch.channels_last)  # 4-D weights only; loading keeps the format
 
-    def _init_weights(self):
-        # Original init_weights: Xavier-uniform weights and zero biases for every non-backbone conv,
-        # the re-scoring net's too.
-        fpn_convs = [m for n, m in self.backbone.named_modules() if not n.startswith("bottom_up")]
-        rescoring = list(self.mask_rescoring.modules()) if self.mask_rescoring is not None else []
-        for module in fpn_convs + list(self.protonet.modules()) + [self.sem_seg_head] + rescoring:
-            if isinstance(module, nn.Conv2d):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
+    @classmethod
+    def from_config(cls, cfg) -> Dict:
+        """The constructor's arguments from ``MODEL.YOLACT.*`` and the detectron2 keys it uses.
+
+        Builds and initialises the parts in the original's order (backbone, head with its Xavier
+        init, protonet, semantic segmentation head, re-scoring net, then the original
+        ``init_weights`` on FPN, protonet, semantic head and re-scoring net, then the focal-loss
+        bias): with the same seed the same random numbers land in the same weights.
+
+        Raises:
+            ConfigError: features the backbone lacks, ANCHOR_SCALES levels != IN_FEATURES, and what
+                the parts refuse (norms, deformable options, NMS type, class loss).
+        """
+        y = cfg.MODEL.YOLACT
+        in_features = list(y.IN_FEATURES)
+        backbone = build_backbone(cfg)
+        shapes = backbone.output_shape()
+        missing = [f for f in in_features + [y.PROTONET_IN_FEATURE] if f not in shapes]
+        if missing:
+            raise ConfigError(f"MODEL.YOLACT features {missing} are not produced by the backbone ({list(shapes)})")
+        prior_generator = PriorGenerator(y.ANCHOR_SCALES, y.ANCHOR_ASPECT_RATIOS, y.INPUT_SIZE, y.SQUARE_ANCHORS)
+        if len(y.ANCHOR_SCALES) != len(in_features):
+            raise ConfigError(
+                f"MODEL.YOLACT.ANCHOR_SCALES has {len(y.ANCHOR_SCALES)} levels, IN_FEATURES {len(in_features)}"
+            )
+        if y.CLASS_LOSS not in ("ohem", "sigmoid_focal"):  # before any weight is drawn
+            raise ConfigError(f"MODEL.YOLACT.CLASS_LOSS is {y.CLASS_LOSS!r}; use 'ohem' or 'sigmoid_focal'")
+        head = YolactHead(
+            shapes[in_features[0]].channels, prior_generator.num_priors_per_location, y.NUM_CLASSES,
+            y.NUM_PROTOTYPES, norm=y.HEAD_NORM,
+        )
+        proto_channels = shapes[y.PROTONET_IN_FEATURE].channels
+        protonet = ProtoNet(proto_channels, y.NUM_PROTOTYPES, norm=y.PROTONET_NORM,
+                            prototype_activation=y.PROTOTYPE_ACTIVATION)
+        # Auxiliary semantic segmentation on P3 (paper Sec. 3.5), used by the training loss only.
+        sem_seg_head = nn.Conv2d(proto_channels, y.NUM_CLASSES, 1)
+        mask_rescoring = FastMaskIoUNet(y.NUM_CLASSES) if y.MASK_RESCORING.ENABLED else None
+        # The original's init_weights: Xavier for every non-backbone conv, the re-scoring net's too.
+        fpn_convs = [m for n, m in backbone.named_modules() if not n.startswith("bottom_up")]
+        rescoring = list(mask_rescoring.modules()) if mask_rescoring is not None else []
+        xavier_init_convs(fpn_convs + list(protonet.modules()) + [sem_seg_head] + rescoring)
+        if y.CLASS_LOSS == "sigmoid_focal":
+            head.init_focal_bias(y.FOCAL_LOSS_PRIOR_PROB)
+        d = y.DIAGNOSTICS
+        return {
+            "backbone": backbone,
+            "head": head,
+            "protonet": protonet,
+            "sem_seg_head": sem_seg_head,
+            "prior_generator": prior_generator,
+            "box_coder": build_box_coder(y.BBOX_REG_WEIGHTS),
+            "criterion": YolactLoss(cfg),
+            "num_classes": y.NUM_CLASSES,
+            "input_size": y.INPUT_SIZE,
+            "in_features": in_features,
+            "protonet_in_feature": y.PROTONET_IN_FEATURE,
+            "pixel_mean": list(cfg.MODEL.PIXEL_MEAN),
+            "pixel_std": list(cfg.MODEL.PIXEL_STD),
+            "mask_rescoring": mask_rescoring,
+            "diagnostics": TrainingDiagnostics(d.WARN_WINDOW, d.DEAD_SHARE_WARN, d.FORCED_ONLY_WARN) if d.ENABLED else None,
+            "score_thresh": y.SCORE_THRESH_TEST,
+            "nms_type": y.NMS_TYPE,
+            "nms_class_agnostic": y.NMS_CLASS_AGNOSTIC,
+            "nms_thresh": y.NMS_THRESH_TEST,
+            "nms_top_k": y.NMS_TOP_K,
+            "max_detections": detections_per_image(cfg),
+            "mask_threshold": y.MASK_THRESHOLD,
+            "class_loss": y.CLASS_LOSS,
+            # Options that add parameters the published models lack: an original checkpoint is refused.
+            "non_original_options": {k: v for k, v in (
+                ("MODEL.FPN.NORM", cfg.MODEL.FPN.NORM),
+                ("MODEL.YOLACT.HEAD_NORM", y.HEAD_NORM),
+                ("MODEL.YOLACT.PROTONET_NORM", y.PROTONET_NORM),
+            ) if v},
+            "compile_mode": y.COMPILE,
+            "channels_last": y.CHANNELS_LAST,
+        }
 
     @property
     def device(self) -> torch.device:
@@ -162,15 +261,14 @@ class YOLACT(nn.Module):
         return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
 
     # ------------------------------------------------------------------ network
-    def _network(self, images: torch.Tensor):
+    def _network(self, images: torch.Tensor) -> "NetworkOutputs":
         # Tensors only (no Python caches), so that torch.compile can capture it whole.
         features = self.backbone(images)
         level_features = [features[f] for f in self.in_features]
         box_deltas, class_logits, mask_coeffs = self.head(level_features)
         proto_features = features[self.protonet_in_feature]
-        sizes = [f.shape[-2:] for f in level_features]
-        return (box_deltas, class_logits, mask_coeffs, self.protonet(proto_features), proto_features, sizes,
-                level_features)
+        return NetworkOutputs(box_deltas, class_logits, mask_coeffs, self.protonet(proto_features), proto_features,
+                              level_features)
 
     def _forward_network(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
         network = self._network
@@ -178,15 +276,16 @@ class YOLACT(nn.Module):
             if self._compiled is None:
                 self._compiled = torch.compile(self._network, mode=self.compile_mode)
             network = self._compiled
-        box_deltas, class_logits, mask_coeffs, prototypes, proto_features, sizes, level_features = network(images)
+        out = network(images)
+        sizes = [tuple(int(v) for v in f.shape[-2:]) for f in out.level_features]
         return {
-            "level_features": dict(zip(self.in_features, level_features)),
-            "box_deltas": box_deltas,
-            "class_logits": class_logits,
-            "mask_coeffs": mask_coeffs,
-            "priors": self.prior_generator([tuple(int(v) for v in s) for s in sizes], images.device),
-            "prototypes": prototypes,
-            "proto_features": proto_features,
+            "level_features": dict(zip(self.in_features, out.level_features)),
+            "box_deltas": out.box_deltas,
+            "class_logits": out.class_logits,
+            "mask_coeffs": out.mask_coeffs,
+            "priors": self.prior_generator(sizes, images.device),
+            "prototypes": out.prototypes,
+            "proto_features": out.proto_features,
         }
 
     def class_scores(self, class_logits: torch.Tensor) -> torch.Tensor:
@@ -303,10 +402,7 @@ class YOLACT(nn.Module):
             with clock("rescoring"):
                 result.mask_scores = scores * self.mask_rescoring.predict_iou(masks, classes)
         with clock("output"):
-            size = boxes.new_tensor([width, height, width, height])
-            boxes = boxes * size
-            boxes = torch.cat([torch.min(boxes[:, :2], boxes[:, 2:]), torch.max(boxes[:, :2], boxes[:, 2:])], dim=1)
-            result.pred_boxes = Boxes(torch.min(boxes.clamp(min=0), size))
+            result.pred_boxes = Boxes(to_pixel_boxes(boxes, height, width))
             result.scores = scores
             result.pred_classes = classes
         with clock("mask"):

@@ -14,7 +14,7 @@ from torch import nn
 
 from detectron2.modeling.box_regression import Box2BoxTransform
 
-__all__ = ["PriorGenerator", "make_priors", "priors_to_boxes", "build_box_coder"]
+__all__ = ["PriorGenerator", "make_priors", "priors_to_boxes", "build_box_coder", "feature_sizes", "to_pixel_boxes"]
 
 
 def make_priors(
@@ -63,6 +63,34 @@ def make_priors(
 def priors_to_boxes(priors: torch.Tensor) -> torch.Tensor:
     """(A, 4) (cx, cy, w, h) -> (A, 4) (x0, y0, x1, y1), same units."""
     return torch.cat([priors[:, :2] - priors[:, 2:] / 2, priors[:, :2] + priors[:, 2:] / 2], dim=1)
+
+
+def feature_sizes(input_size: int, levels: Sequence[int] = (3, 4, 5, 6, 7)) -> List[Tuple[int, int]]:
+    """(h, w) of the FPN levels for a square input of ``input_size`` pixels, without running the
+    network: every stride-2 conv (padding 1) and the ResNet max-pool round up, so P_l has
+    ceil(S / 2^l) cells (550: 69, 35, 18, 9, 5; 320: 40, 20, 10, 5, 3). The model itself takes the
+    sizes of its features; the exported graph's priors and the diagnostics use this."""
+    return [(math.ceil(input_size / 2 ** lvl),) * 2 for lvl in levels]
+
+
+def to_pixel_boxes(boxes: torch.Tensor, height, width) -> torch.Tensor:
+    """Decoded boxes relative to the image -> pixels of a ``height`` x ``width`` output, as the
+    original ``postprocess`` (``sanitize_coordinates``): scaled, corners ordered, clamped to the
+    image. The one conversion of the eager model and the exported graph.
+
+    Args:
+        boxes: (D, 4) (x0, y0, x1, y1) relative, in [0, 1] inside the image.
+        height, width: ints, or 0-d tensors (a traced graph's input size).
+    Returns:
+        (D, 4) (x0, y0, x1, y1) in pixels, 0 <= x0 <= x1 <= width, 0 <= y0 <= y1 <= height.
+    """
+    if torch.is_tensor(width):
+        size = torch.stack([width, height, width, height]).to(boxes)
+    else:
+        size = boxes.new_tensor([width, height, width, height])
+    boxes = boxes * size
+    boxes = torch.cat([torch.min(boxes[:, :2], boxes[:, 2:]), torch.max(boxes[:, :2], boxes[:, 2:])], dim=1)
+    return torch.min(boxes.clamp(min=0), size)
 
 
 def build_box_coder(weights=(10.0, 10.0, 5.0, 5.0)) -> Box2BoxTransform:
