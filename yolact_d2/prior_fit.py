@@ -75,10 +75,9 @@ class CoverageCounter:
         reach = (1 / c ** 2 - 1) / 2 + 1e-9
         wg, hg = b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]
         gx, gy, area = (b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2, wg * hg
-        self.levels = []
-        for (h, w), (amin, amax) in zip(sizes, area_bounds):
+        gi, lv, cx, cy = [], [], [], []
+        for level, ((h, w), (amin, amax)) in enumerate(zip(sizes, area_bounds)):
             ok = (area * self.t <= amax * (1 + 1e-9)) & (area / self.t >= amin * (1 - 1e-9))
-            gi, cx, cy = [], [], []
             for g in ok.nonzero().flatten().tolist():
                 x0 = max(0, math.ceil((gx[g] - reach * wg[g]).item() * w - 0.5))
                 x1 = min(w - 1, math.floor((gx[g] + reach * wg[g]).item() * w - 0.5))
@@ -90,40 +89,38 @@ class CoverageCounter:
                 cx.append((xx.flatten().double() + 0.5) / w)
                 cy.append((yy.flatten().double() + 0.5) / h)
                 gi.append(torch.full((xx.numel(),), g, dtype=torch.long))
-            if gi:
-                gi = torch.cat(gi)
-                self.levels.append((gi, torch.cat(cx)[:, None], torch.cat(cy)[:, None], b[gi], area[gi][:, None]))
-            else:
-                self.levels.append(None)
+                lv.append(torch.full((xx.numel(),), level, dtype=torch.long))
+        cat = (lambda x, dtype: torch.cat(x) if x else torch.zeros(0, dtype=dtype))  # noqa: E731
+        self.gi, self.level = cat(gi, torch.long), cat(lv, torch.long)
+        self.cx, self.cy = cat(cx, torch.float64)[:, None], cat(cy, torch.float64)[:, None]
+        self.g, self.ga = b[self.gi], area[self.gi][:, None]
 
     @property
     def num_pairs(self) -> int:
         """Candidate (object, cell) pairs over all levels (the cost of one count)."""
-        return sum(len(lv[0]) for lv in self.levels if lv is not None)
+        return int(self.gi.numel())
 
     def counts(self, wh: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
         """Priors at IoU >= pos_thresh per object, and the best IoU of each object's candidates.
 
         Args:
-            wh: per level, (K, 2) float (pw, ph) prior sizes relative to the input, inside the
-                area bounds given at construction (outside them the count may miss priors).
+            wh: per level, (K, 2) float (pw, ph) prior sizes relative to the input (K the same on
+                every level), inside the area bounds given at construction (outside them the count
+                may miss priors).
         Returns:
             (G,) int64 counts; (G,) float64 best IoU over the candidate pairs (exact whenever it
             is >= pos_thresh, a lower bound below it, 0 without candidates).
         """
-        out = torch.zeros(self.num_objects, dtype=torch.long)
+        sizes = torch.stack([torch.as_tensor(x, dtype=torch.float64) for x in wh])[self.level]  # (P, K, 2)
+        pw, ph, g = sizes[..., 0], sizes[..., 1], self.g
+        ix = (torch.minimum(g[:, 2:3], self.cx + pw / 2) - torch.maximum(g[:, 0:1], self.cx - pw / 2)).clamp(min=0)
+        iy = (torch.minimum(g[:, 3:4], self.cy + ph / 2) - torch.maximum(g[:, 1:2], self.cy - ph / 2)).clamp(min=0)
+        inter = ix * iy
+        iou = inter / (self.ga + pw * ph - inter)
+        out = torch.zeros(self.num_objects, dtype=torch.long).index_add_(0, self.gi, (iou >= self.t).sum(dim=1))
         best = torch.zeros(self.num_objects, dtype=torch.float64)
-        for lv, sizes in zip(self.levels, wh):
-            if lv is None:
-                continue
-            gi, cx, cy, g, ga = lv
-            pw, ph = sizes[:, 0].double()[None], sizes[:, 1].double()[None]
-            ix = (torch.minimum(g[:, 2:3], cx + pw / 2) - torch.maximum(g[:, 0:1], cx - pw / 2)).clamp(min=0)
-            iy = (torch.minimum(g[:, 3:4], cy + ph / 2) - torch.maximum(g[:, 1:2], cy - ph / 2)).clamp(min=0)
-            inter = ix * iy
-            iou = inter / (ga + pw * ph - inter)
-            out.index_add_(0, gi, (iou >= self.t).sum(dim=1))
-            best.scatter_reduce_(0, gi, iou.max(dim=1).values, reduce="amax")
+        if len(self.gi):
+            best.scatter_reduce_(0, self.gi, iou.max(dim=1).values, reduce="amax")
         return out, best
 
     def score(self, wh: Sequence[torch.Tensor]) -> Tuple[int, float]:
@@ -216,8 +213,9 @@ def fit_priors(
     """
     if len(scales) != len(sizes):
         raise ConfigError(f"{len(sizes)} feature levels but {len(scales)} lists of MODEL.YOLACT.ANCHOR_SCALES")
-    if any(len(s) == 0 for s in scales) or not aspect_ratios:
-        raise ConfigError("every level needs at least one anchor scale and one aspect ratio to fit priors")
+    if any(len(s) == 0 for s in scales) or not aspect_ratios or len({len(s) for s in scales}) != 1:
+        raise ConfigError("every level needs the same number (>= 1) of MODEL.YOLACT.ANCHOR_SCALES, and at least "
+                          f"one aspect ratio, to fit priors; got {list(scales)}")
     b = torch.cat([torch.as_tensor(x, dtype=torch.float64).reshape(-1, 4) for x in boxes]) if boxes else torch.zeros(0, 4)
     b = b[((b[:, 2] - b[:, 0]) > 0) & ((b[:, 3] - b[:, 1]) > 0)]
     if len(b) == 0:

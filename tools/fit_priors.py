@@ -1,0 +1,66 @@
+#!/usr/bin/env python
+"""Fit a config's priors (anchor scales per level, shared aspect ratios) to a training set's boxes
+and print the config lines to use, with the coverage before and after (yolact_d2/prior_fit.py).
+
+    python tools/fit_priors.py --config-file configs/pennfudan/yolact_R_18_FPN_320.yaml
+    python tools/fit_priors.py --config-file configs/Base-YOLACT-SmallData.yaml DATASETS.TRAIN "('coco128',)"
+    python tools/fit_priors.py --config-file configs/Base-YOLACT-SmallData.yaml \
+        --train-json my/train.json --train-images my/images
+
+The number of priors stays as configured. ``MODEL.YOLACT.FIT_PRIORS True`` in train_net.py does the
+same fit at the start of training instead. A bad config or dataset is one line on stderr (exit 2).
+"""
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from detectron2.config import get_cfg  # noqa: E402
+
+from yolact_d2 import add_yolact_config  # noqa: E402
+from yolact_d2.data.custom import apply_coco_json_datasets  # noqa: E402
+from yolact_d2.diagnostics import format_coverage  # noqa: E402
+from yolact_d2.errors import ConfigError, YolactUserError  # noqa: E402
+from yolact_d2.prior_fit import config_lines, fit_priors_to_dataset, training_dataset_dicts  # noqa: E402
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config-file", required=True)
+    parser.add_argument("--train-json", help="COCO instances JSON to fit to (sets DATASETS.TRAIN_JSON)")
+    parser.add_argument("--train-images", help="its image folder (DATASETS.TRAIN_IMAGES)")
+    parser.add_argument("--iterations", type=int, help="evolution steps (default MODEL.YOLACT.FIT_PRIORS_ITERATIONS)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the search (default %(default)s)")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, KEY VALUE ...")
+    args = parser.parse_args(argv)
+    try:
+        cfg = get_cfg()
+        add_yolact_config(cfg)
+        try:
+            cfg.merge_from_file(args.config_file)
+            cfg.merge_from_list(args.opts)
+        except (KeyError, AssertionError, ValueError, OSError) as e:
+            raise ConfigError(f"config {args.config_file} / opts: {e.args[0] if e.args else e}") from None
+        if args.train_json or args.train_images:
+            cfg.DATASETS.TRAIN_JSON, cfg.DATASETS.TRAIN_IMAGES = args.train_json or "", args.train_images or ""
+        apply_coco_json_datasets(cfg)
+        dicts = training_dataset_dicts(cfg)
+        start = time.perf_counter()
+        fit, before, after = fit_priors_to_dataset(cfg, dicts, args.iterations, args.seed)
+        seconds = time.perf_counter() - start
+    except YolactUserError as e:
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)
+        return 2
+    print(format_coverage(before, f"Configured priors ({', '.join(cfg.DATASETS.TRAIN)}):"))
+    print()
+    print(format_coverage(after, f"Fitted priors (start: {fit.start}, {fit.evaluations} evaluations, {seconds:.1f} s):"))
+    print()
+    print("Config lines (or MODEL.YOLACT.FIT_PRIORS True to fit at the start of training):")
+    print(config_lines(fit.scales, fit.aspect_ratios))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
