@@ -26,7 +26,6 @@ logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 import torch  # noqa: E402
 
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_train_loader, get_detection_dataset_dicts
 from detectron2.data.build import filter_images_with_only_crowd_annotations
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
@@ -34,7 +33,7 @@ from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from yolact_d2 import add_yolact_config
+from yolact_d2.config import load_config
 from yolact_d2.data import YolactDatasetMapper
 from yolact_d2.checkpoint import (
     CHECKPOINT_METADATA_KEY, TrainingMetadata, adopt_input_format, check_checkpoint_classes, checkpoint_metadata,
@@ -129,14 +128,7 @@ class Trainer(DefaultTrainer):
 
 
 def setup(args):
-    cfg = get_cfg()
-    add_yolact_config(cfg)
-    try:
-        cfg.merge_from_file(args.config_file)
-        cfg.merge_from_list(args.opts)
-    except (KeyError, AssertionError, ValueError) as e:  # yacs: unknown key, bad value or type
-        msg = e.args[0] if e.args else str(e)
-        raise ConfigError(f"config {args.config_file} / opts: {msg}") from None
+    cfg = load_config(args.config_file, args.opts)  # one-line ConfigError / MissingFileError
     for flag, key in (("train_json", "TRAIN_JSON"), ("train_images", "TRAIN_IMAGES"),
                       ("val_json", "TEST_JSON"), ("val_images", "TEST_IMAGES")):
         if getattr(args, flag, None):
@@ -214,7 +206,7 @@ def argument_parser():
     )
     parser.add_argument(
         "--exported", metavar="FILE", help="with --eval-only: evaluate this exported end-to-end graph "
-        "(tools/export_model.py; .onnx through onnxruntime, FILE.onnx@openvino through OpenVINO, .ts through "
+        "(tools/export_model.py; .onnx through onnxruntime, FILE.onnx@openvino through OpenVINO (float32; @openvino:bf16 for bfloat16), .ts through "
         "TorchScript) instead of MODEL.WEIGHTS",
     )
     return parser

@@ -70,7 +70,7 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--exported", "--onnx", metavar="FILE",
         help="run an exported end-to-end graph (tools/export_model.py: .onnx via onnxruntime, "
-        "FILE.onnx@openvino via OpenVINO, .ts via TorchScript) instead of building the config's model; "
+        "FILE.onnx@openvino via OpenVINO in float32, FILE.onnx@openvino:bf16 in bfloat16, .ts via TorchScript) instead of building the config's model; "
         "class names come from the file",
     )
     parser.add_argument(
@@ -96,42 +96,24 @@ def config_path(args) -> str:
 
 
 def setup_cfg(path, opts, device=None):
-    """Config from detectron2's defaults, ``add_yolact_config``, the file ``path``, ``opts`` and
-    ``device`` (``--device``); the device resolved by :func:`yolact_d2.device.resolve_device`.
+    """Config from :func:`yolact_d2.config.load_config` (``path`` and ``opts``) and ``device``
+    (``--device``); the device resolved by :func:`yolact_d2.device.resolve_device`.
 
     Raises:
         DemoError: invalid config file, unknown key, bad --opts value, ``--device cuda`` without a
             GPU, missing weights.
     """
-    import yaml
-    from detectron2.config import get_cfg
-    from yolact_d2 import add_yolact_config
+    from yolact_d2.config import load_config
+    from yolact_d2.errors import YolactUserError
 
-    cfg = get_cfg()
-    add_yolact_config(cfg)
     try:
-        cfg.merge_from_file(path)
-    except KeyError as e:
-        raise DemoError(f"{path}: {_line(e.args[0])}; remove or correct that key") from None
-    except yaml.YAMLError as e:
-        raise DemoError(f"{path} is not valid YAML: {_line(e)}") from None
-    except (OSError, ValueError, AssertionError) as e:
-        raise DemoError(f"cannot use config file {path}: {_line(e)}") from None
-    if len(opts) % 2:
-        raise DemoError(f"--opts needs KEY VALUE pairs, got an odd number of items: {' '.join(opts)}")
-    try:
-        cfg.merge_from_list(opts)
-    except KeyError as e:
-        raise DemoError(
-            f"--opts: {_line(e.args[0])}; see yolact_d2/config.py and detectron2's config/defaults.py"
-        ) from None
-    except (ValueError, AssertionError) as e:
-        raise DemoError(f"--opts: {_line(e)}") from None
+        cfg = load_config(path, opts)
+    except YolactUserError as e:  # unknown key, bad value, invalid YAML, odd --opts
+        raise DemoError(_line(e)) from None
     # A config saved by train_net.py for a COCO-JSON dataset: register it again for its class names;
     # a bad MODEL.YOLACT.CLASS_NAMES count stops here, before the model loads.
     from yolact_d2.data.custom import apply_coco_json_datasets
     from yolact_d2.device import resolve_device
-    from yolact_d2.errors import YolactUserError
     from yolact_d2.predictor import check_class_names
 
     try:
@@ -342,7 +324,7 @@ def main(argv=None) -> int:
     try:
         if args.exported:
             demo = VisualizationDemo.from_exported(args.exported, confidence_threshold=args.confidence_threshold)
-            logger.info(f"exported graph {demo.predictor.path} in {demo.predictor.runtime}")
+            logger.info(f"exported graph {demo.predictor.path} in {demo.predictor.runtime} ({demo.predictor.precision})")
         else:
             demo = VisualizationDemo(cfg, confidence_threshold=args.confidence_threshold)
     except CheckpointLayoutError as e:

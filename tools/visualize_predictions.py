@@ -38,21 +38,17 @@ def main(argv=None):
 
     import cv2
     import numpy as np
-    from detectron2.config import get_cfg
     from detectron2.data import DatasetCatalog, MetadataCatalog
     from detectron2.engine import DefaultPredictor
     from detectron2.utils.visualizer import ColorMode, Visualizer
 
-    from yolact_d2 import add_yolact_config
+    from yolact_d2.config import load_config
     from yolact_d2.data.datasets import register_builtin_datasets
 
     if not Path(args.weights).is_file():
         raise SystemExit(f"error: weights {args.weights} not found (train first, or give MODEL.WEIGHTS of a run)")
     register_builtin_datasets()
-    cfg = get_cfg()
-    add_yolact_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(list(args.opts) + ["MODEL.WEIGHTS", args.weights, "MODEL.DEVICE", "cpu"])
+    cfg = load_config(args.config_file, list(args.opts) + ["MODEL.WEIGHTS", args.weights, "MODEL.DEVICE", "cpu"])
     dataset = args.dataset or cfg.DATASETS.TEST[0]
     predictor = DefaultPredictor(cfg)
     metadata = MetadataCatalog.get(dataset)
@@ -76,4 +72,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from yolact_d2.errors import run_main
+
+    run_main(main, "visualize_predictions.py")

@@ -609,19 +609,16 @@ def load_model(spec: str, opts: Sequence[str] = (), weights: Optional[str] = Non
         ``opts``, ``weights`` (path or "random init"), ``arch``, ``weights_mb``.
     """
     from detectron2.checkpoint import DetectionCheckpointer
-    from detectron2.config import get_cfg
     from detectron2.modeling import build_model
 
-    from . import add_yolact_config
+    from .config import load_config, merge_opts
 
     path, display = resolve_config(spec)
-    cfg = get_cfg()
-    add_yolact_config(cfg)  # harmless for other configs: it only adds keys
-    cfg.merge_from_file(path)
+    cfg = load_config(path)  # YOLACT keys too: harmless for other configs, it only adds keys
     is_yolact = cfg.MODEL.META_ARCHITECTURE == "YOLACT"
     if not is_yolact and rcnn_score_thresh is not None:
         cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = rcnn_score_thresh
-    cfg.merge_from_list((SMALL_INPUT_OPTS["YOLACT" if is_yolact else "other"] if small_inputs else []) + list(opts))
+    merge_opts(cfg, (SMALL_INPUT_OPTS["YOLACT" if is_yolact else "other"] if small_inputs else []) + list(opts))
     cfg.MODEL.DEVICE = device
     cfg.freeze()
     weights = None if weights in ("random", "none", "") else (weights or default_weights(cfg))

@@ -219,6 +219,17 @@ def load_config(config_file: str, opts=()):
         raise ConfigError(f"{config_file} is not valid YAML: {_one_line(e)}") from None
     except (OSError, ValueError, AssertionError, TypeError) as e:
         raise ConfigError(f"cannot use config file {config_file}: {_one_line(e)}") from None
+    return merge_opts(cfg, opts)
+
+
+def merge_opts(cfg, opts):
+    """``cfg.merge_from_list(opts)`` with :func:`load_config`'s one-line errors; returns ``cfg``.
+
+    Raises:
+        ConfigError: an odd number of items, an unknown key or a value of the wrong type.
+    """
+    from .errors import ConfigError
+
     opts = list(opts)
     if len(opts) % 2:
         raise ConfigError(f"options need KEY VALUE pairs, got an odd number of items: {' '.join(map(str, opts))}")
