@@ -57,6 +57,8 @@ def main(argv=None):
     print()
     print(format_coverage(after, f"Fitted priors (start: {fit.start}, {fit.evaluations} evaluations, {seconds:.1f} s):"))
     print()
+    print(f"Objects with a prior at IoU >= {after['pos_thresh']:g}: {fit.before[0]} -> {fit.after[0]} of {fit.num_objects} "
+          f"(same prior count: {after['num_priors']})")
     print("Config lines (or MODEL.YOLACT.FIT_PRIORS True to fit at the start of training):")
     print(config_lines(fit.scales, fit.aspect_ratios))
     return 0
