@@ -9,27 +9,8 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 
 from conftest import REFERENCE, REPO, need, yolact_cfg
+from helpers import original_layout
 from yolact_d2.checkpoint import CheckpointLayoutError, convert_original_state_dict
-
-
-def original_layout(config_name):
-    """Random tensors in the original layout of ``config_name`` (from original_checkpoint_layout.tsv)."""
-    path = need(REFERENCE / "original_checkpoint_layout.tsv")
-    state, section = {}, None
-    g = torch.Generator().manual_seed(0)
-    for line in path.read_text().splitlines():
-        if line.startswith("#"):
-            section = line[2:].split(":")[0]
-            continue
-        if section != config_name:
-            continue
-        key, shape, dtype = line.split("\t")
-        shape = tuple(int(s) for s in shape.strip("()").split(",") if s.strip())
-        if dtype.startswith("int"):
-            state[key] = torch.zeros(shape, dtype=torch.long)
-        else:
-            state[key] = 0.01 * torch.randn(shape, generator=g) + (1.0 if "running_var" in key else 0.0)
-    return state
 
 
 @pytest.mark.parametrize(

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from conftest import DATA, REPO, need
-from test_train_net import train_net
+from helpers import train_net
 
 NAMES = ["pedestrian", "bystander"]  # not COCO's first two, so a COCO fallback cannot pass
 # A small, fast model on the small-data base config (as tests/test_custom_data.py).

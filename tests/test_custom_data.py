@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from conftest import DATA, REPO, need
-from test_train_net import CONFIG, train_net
+from helpers import CONFIG, train_net
 
 # A small, fast model on the small-data base config (R-50 at 550 there). 64 FPN channels: with 32,
 # GroupNorm(32) would see one value per group on the 1x1 P7 of a 128 px input at batch 1.

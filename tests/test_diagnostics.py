@@ -186,7 +186,7 @@ def test_pennfudan_coverage_with_paper_and_recipe_priors():
 def test_diagnostics_reach_metrics_json_and_the_paper_options_warn(tmp_path):
     """A real (tiny) train_net.py run on Penn-Fudan with the paper's priors: the scalars are in
     metrics.json, and the coverage table and forced-match warning are in the log."""
-    from test_train_net import CONFIG, TINY, train_net
+    from helpers import CONFIG, TINY, train_net
 
     need(DATA / "pennfudan")
     run = train_net("--config-file", CONFIG, *TINY, "OUTPUT_DIR", str(tmp_path), "SOLVER.MAX_ITER", "2",

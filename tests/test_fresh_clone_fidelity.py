@@ -11,7 +11,7 @@ import torch
 
 import original_oracle as oracle
 from conftest import REFERENCE, matched_detections, need, yolact_cfg
-from test_yolact_plus import V1_SCALES, real_image_550, rel_err, synthetic_original_checkpoint
+from helpers import V1_SCALES, real_image_550, rel_err, synthetic_original_checkpoint
 from yolact_d2.predictor import YolactPredictor
 
 

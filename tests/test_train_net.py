@@ -1,24 +1,12 @@
 """train_net.py: resume, NaN handling and bad-data errors (detectron2's trainer under the hood)."""
 import json
-import subprocess
 import sys
 
 import pytest
 import torch
 
 from conftest import DATA, REPO, need
-
-TINY = [
-    "MODEL.YOLACT.INPUT_SIZE", "128", "MODEL.FPN.OUT_CHANNELS", "32", "SOLVER.IMS_PER_BATCH", "2",
-    "DATALOADER.NUM_WORKERS", "0", "DATASETS.TEST", "()", "MODEL.DEVICE", "cpu",
-]
-CONFIG = str(REPO / "configs/pennfudan/yolact_R_18_FPN_320.yaml")
-
-
-def train_net(*args, env=None):
-    return subprocess.run([sys.executable, str(REPO / "train_net.py"), *args], capture_output=True, text=True,
-                          cwd=REPO, env=env, timeout=600)
-
+from helpers import CONFIG, TINY, train_net
 
 def iterations(out_dir):
     lines = (out_dir / "metrics.json").read_text().splitlines()

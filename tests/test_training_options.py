@@ -172,7 +172,7 @@ def test_focal_model_scores_are_sigmoids_everywhere(photo_inputs):
 
 @pytest.mark.parametrize("option", ["fpn_gn", "head_gn", "protonet_gn"])
 def test_original_checkpoint_into_a_norm_model_is_refused_in_one_line(option):
-    from test_checkpoint import original_layout
+    from helpers import original_layout
 
     model = _model(OPTIONS[option])
     with pytest.raises(CheckpointLayoutError) as e:

