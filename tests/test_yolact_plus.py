@@ -4,6 +4,8 @@ No YOLACT++ outputs of the original code are stored, so an independent functiona
 original network (tests/original_oracle.py) is first proven on the stored v1 outputs, then used as
 the reference for a YOLACT++ checkpoint built here in the original layout.
 """
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -28,29 +30,35 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 
 
 @pytest.mark.parametrize(
-    "config_name, config_file, device, dtype",
-    [("yolact_plus_resnet50_config", "configs/yolact_plus_R_50_FPN_550.yaml", "cpu", torch.float32),
+    "config_name, config_file, device, dtype, size",
+    [("yolact_plus_resnet50_config", "configs/yolact_plus_R_50_FPN_550.yaml", "cpu", torch.float32, 550),
      # This random R-101 drifts ~1.3e-4 between float32 and float64 whoever computes it (the
-     # oracle too): its layout is checked in float64, where any wiring error still shows.
-     ("yolact_plus_base_config", "configs/yolact_plus_R_101_FPN_550.yaml", "cpu", torch.float64),
-     pytest.param("yolact_plus_resnet50_config", "configs/yolact_plus_R_50_FPN_550.yaml", "cuda", torch.float32, marks=CUDA),
-     pytest.param("yolact_resnet50_config", "configs/yolact_R_50_FPN_550.yaml", "cuda", torch.float32, marks=CUDA)],
+     # oracle too): its layout is checked in float64, where any wiring error still shows, and at
+     # 160 px (the wiring does not depend on the size; 550 px in float64 took 2 minutes).
+     ("yolact_plus_base_config", "configs/yolact_plus_R_101_FPN_550.yaml", "cpu", torch.float64, 160),
+     pytest.param("yolact_plus_resnet50_config", "configs/yolact_plus_R_50_FPN_550.yaml", "cuda", torch.float32, 550,
+                  marks=CUDA),
+     pytest.param("yolact_resnet50_config", "configs/yolact_R_50_FPN_550.yaml", "cuda", torch.float32, 550, marks=CUDA)],
 )
-def test_checkpoint_reproduces_original(config_name, config_file, device, dtype):
+def test_checkpoint_reproduces_original(config_name, config_file, device, dtype, size):
     """Our model (on ``device``) vs the oracle (CPU) on an original-layout checkpoint."""
     plus = "plus" in config_name
     scales, square = (PLUS_SCALES, False) if plus else (V1_SCALES, True)
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # exact fp32 on CUDA
     _, rgb, image = real_image_550()
-    sd = synthetic_original_checkpoint(config_name, image)
-    model = build_model(yolact_cfg(config_file, ["MODEL.DEVICE", device])).eval()
+    sd = synthetic_original_checkpoint(config_name, image)  # BatchNorm calibrated at 550
+    if size != 550:
+        image = torch.nn.functional.interpolate(image, (size, size), mode="bilinear", align_corners=False)
+    model = build_model(yolact_cfg(config_file, ["MODEL.DEVICE", device, "MODEL.YOLACT.INPUT_SIZE", str(size)])).eval()
     incompatible = model.load_state_dict(sd, strict=True)
     assert not incompatible.missing_keys
     sd_t = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
     with torch.no_grad():
         ours = {k: v.cpu() for k, v in model.to(dtype).forward_raw(image.to(device, dtype)).items()}
-        ref = oracle.forward(sd_t, image.to(dtype), scales, square=square)
-    assert ours["priors"].shape == ((57744 if plus else 19248), 4)
+        ref = oracle.forward(sd_t, image.to(dtype), scales, square=square, input_size=size)
+    cells = sum(math.ceil(size / 2 ** level) ** 2 for level in range(3, 8))  # 550: 69^2 + 35^2 + ... = 6416
+    assert ours["priors"].shape == (cells * (9 if plus else 3), 4)
+    assert size != 550 or ours["priors"].shape[0] == (57744 if plus else 19248)
     conf = torch.cat([ref["conf"][..., 1:], ref["conf"][..., :1]], dim=-1)
     pairs = {"box_deltas": ref["loc"], "class_scores": conf, "mask_coeffs": ref["mask"],
              "priors": ref["priors"], "prototypes": ref["proto"]}
