@@ -17,12 +17,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from detectron2.config import get_cfg  # noqa: E402
-
-from yolact_d2 import add_yolact_config  # noqa: E402
+from yolact_d2.config import load_config  # noqa: E402
 from yolact_d2.data.custom import apply_coco_json_datasets  # noqa: E402
 from yolact_d2.diagnostics import format_coverage  # noqa: E402
-from yolact_d2.errors import ConfigError, YolactUserError  # noqa: E402
+from yolact_d2.errors import run_main  # noqa: E402
 from yolact_d2.prior_fit import config_lines, fit_priors_to_dataset, training_dataset_dicts  # noqa: E402
 
 
@@ -35,34 +33,25 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="seed of the search (default %(default)s)")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, KEY VALUE ...")
     args = parser.parse_args(argv)
-    try:
-        cfg = get_cfg()
-        add_yolact_config(cfg)
-        try:
-            cfg.merge_from_file(args.config_file)
-            cfg.merge_from_list(args.opts)
-        except (KeyError, AssertionError, ValueError, OSError) as e:
-            raise ConfigError(f"config {args.config_file} / opts: {e.args[0] if e.args else e}") from None
-        if args.train_json or args.train_images:
-            cfg.DATASETS.TRAIN_JSON, cfg.DATASETS.TRAIN_IMAGES = args.train_json or "", args.train_images or ""
-        apply_coco_json_datasets(cfg)
-        dicts = training_dataset_dicts(cfg)
-        start = time.perf_counter()
-        fit, before, after = fit_priors_to_dataset(cfg, dicts, args.iterations, args.seed)
-        seconds = time.perf_counter() - start
-    except YolactUserError as e:
-        print("error: " + " ".join(str(e).split()), file=sys.stderr)
-        return 2
+    cfg = load_config(args.config_file, args.opts)
+    if args.train_json or args.train_images:
+        cfg.DATASETS.TRAIN_JSON, cfg.DATASETS.TRAIN_IMAGES = args.train_json or "", args.train_images or ""
+    apply_coco_json_datasets(cfg)
+    dicts = training_dataset_dicts(cfg)
+    start = time.perf_counter()
+    fit, before, after = fit_priors_to_dataset(cfg, dicts, args.iterations, args.seed)
+    seconds = time.perf_counter() - start
     print(format_coverage(before, f"Configured priors ({', '.join(cfg.DATASETS.TRAIN)}):"))
     print()
-    print(format_coverage(after, f"Fitted priors (start: {fit.start}, {fit.evaluations} evaluations, {seconds:.1f} s):"))
+    title = f"Fitted priors (start: {fit.start}, {fit.evaluations} evaluations, {seconds:.1f} s):"
+    print(format_coverage(after, title))
     print()
-    print(f"Objects with a prior at IoU >= {after['pos_thresh']:g}: {fit.before[0]} -> {fit.after[0]} of {fit.num_objects} "
-          f"(same prior count: {after['num_priors']})")
+    print(f"Objects with a prior at IoU >= {after['pos_thresh']:g}: {fit.before[0]} -> {fit.after[0]} of "
+          f"{fit.num_objects} (same prior count: {after['num_priors']})")
     print("Config lines (or MODEL.YOLACT.FIT_PRIORS True to fit at the start of training):")
     print(config_lines(fit.scales, fit.aspect_ratios))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main, "fit_priors.py")

@@ -15,7 +15,8 @@ What it builds on (ideas, no code):
 - YOLOv5's AutoAnchor (Ultralytics) measures the anchors' "best possible recall" before training and
   refines k-means anchors by a short mutation-and-select evolution. Here the measure is the coverage
   :mod:`yolact_d2.diagnostics` logs: objects with a prior at IoU >= ``POS_IOU_THRESH`` (the exact IoU
-  with the priors on their grid, not a shape ratio), then the positives per object.
+  with the priors on their grid, not a shape ratio), then the sum of each object's best IoU (the
+  quantity YOLOv2's k-means minimises as 1 - IoU); the positives per object are reported.
 
 The search is seeded and deterministic; with several processes rank 0 fits and broadcasts
 (:func:`fit_priors_at_setup`). The result is never worse than the configured priors: they are one of
@@ -157,8 +158,9 @@ def _kmeans_1d(x: np.ndarray, init: np.ndarray, iters: int = 30) -> np.ndarray:
 @dataclass
 class PriorFit:
     """A fit's result: ``scales`` (per level, pixels at the input size) and ``aspect_ratios``
-    (w / h, shared), with the objective ``(covered objects, positives)`` before (configured
-    priors) and after, as the counter measures them, and ``evaluations`` of the objective."""
+    (w / h, shared), with the objective ``(covered objects, best-IoU sum)`` before (configured
+    priors) and after, as the counter measures them, ``num_objects`` boxes fitted to, ``evaluations``
+    of the objective, ``start`` ("configured" or "k-means") and the objective's ``history``."""
     scales: List[List[float]]
     aspect_ratios: List[float]
     before: Tuple[int, int]
@@ -193,9 +195,15 @@ def fit_priors(
     steps of a (1+1) evolution with a seeded ``numpy`` generator (each parameter mutated with
     probability 0.5 by a Gaussian step shrinking from 0.3 to 0.03 in log units), as YOLOv5's
     AutoAnchor evolves its anchors, keeping a candidate that is not worse; (3) a coordinate search
-    in steps of 0.1, 0.03, 0.01 (at most two sweeps each). The objective (:class:`CoverageCounter`) is exact: covered objects
-    first, then positives. Values are rounded (scales to 0.01 px, ratios to 1e-4) before the last
-    measure; if the rounded fit is worse than the configured priors, those are returned.
+    in steps of 0.1, 0.03, 0.01 (at most two sweeps each). The objective
+    (:meth:`CoverageCounter.score`, exact) is the number of objects with a prior at IoU >=
+    ``pos_thresh`` first, then the sum of each object's best IoU (positives per object as the
+    second criterion piled copies of one prior on the common shape: docs/priors.md). Values are
+    rounded (scales to 0.01 px, ratios to 1e-4) before the last measure; if the rounded fit covers
+    fewer objects than the configured priors, those are returned.
+
+    Returns:
+        :class:`PriorFit`; ``before`` / ``after`` are ``(covered objects, best-IoU sum)``.
 
     Args:
         boxes: per image, (G, 4) boxes (x0, y0, x1, y1) relative to the square input (0..1);
@@ -203,21 +211,23 @@ def fit_priors(
         scales: per level, the configured prior scales in pixels at ``input_size``.
         aspect_ratios: the configured width / height ratios.
         input_size: side of the square network input, pixels.
-        sizes: (h, w) of each level's feature map (:func:`~yolact_d2.diagnostics.feature_sizes`).
+        sizes: (h, w) of each level's feature map (:func:`~yolact_d2.priors.feature_sizes`).
         pos_thresh: MODEL.YOLACT.POS_IOU_THRESH.
         square: MODEL.YOLACT.SQUARE_ANCHORS (h = w for every ratio).
         iterations: evolution steps (0: k-means and coordinate search only).
         seed: the generator's seed; the same inputs and seed give the same fit.
     Raises:
         DatasetError: no box with positive width and height.
-        ConfigError: levels of ``scales`` and ``sizes`` differ, or a level without scales.
+        ConfigError: levels of ``scales`` and ``sizes`` differ, levels with different numbers of
+            scales (or none), no ratio, or ``pos_thresh`` outside (0, 1).
     """
     if len(scales) != len(sizes):
         raise ConfigError(f"{len(sizes)} feature levels but {len(scales)} lists of MODEL.YOLACT.ANCHOR_SCALES")
     if any(len(s) == 0 for s in scales) or not aspect_ratios or len({len(s) for s in scales}) != 1:
         raise ConfigError("every level needs the same number (>= 1) of MODEL.YOLACT.ANCHOR_SCALES, and at least "
                           f"one aspect ratio, to fit priors; got {list(scales)}")
-    b = torch.cat([torch.as_tensor(x, dtype=torch.float64).reshape(-1, 4) for x in boxes]) if boxes else torch.zeros(0, 4)
+    b = [torch.as_tensor(x, dtype=torch.float64).reshape(-1, 4) for x in boxes]
+    b = torch.cat(b) if b else torch.zeros(0, 4, dtype=torch.float64)
     b = b[((b[:, 2] - b[:, 0]) > 0) & ((b[:, 3] - b[:, 1]) > 0)]
     if len(b) == 0:
         raise DatasetError("no box with a positive width and height to fit priors to (check the training set)")
@@ -311,7 +321,8 @@ def _search(b, ls0, lr0, lo, hi, rmax, area_bounds, sizes, pos_thresh, input_siz
     fit_ratios = [round(float(v), 4) for v in np.exp(lr)]
     after = score(np.concatenate([np.log(np.asarray(s)) for s in fit_scales] + [np.log(np.asarray(fit_ratios))]))
     if after < before:
-        fit_scales, fit_ratios, after, start = [list(map(float, s)) for s in scales], list(map(float, aspect_ratios)), before, "configured (kept)"
+        fit_scales, fit_ratios = [list(map(float, s)) for s in scales], list(map(float, aspect_ratios))
+        after, start = before, "configured (kept)"
     return PriorFit(fit_scales, fit_ratios, before, after, counter.num_objects, evals[0], start, history)
 
 
