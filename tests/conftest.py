@@ -1,5 +1,4 @@
 """Shared fixtures: paths to ../shared (skip when absent) and config/model builders."""
-import os
 from pathlib import Path
 
 import numpy as np
@@ -7,10 +6,13 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-# ../shared beside the checkout; YOLACT_D2_SHARED points elsewhere (e.g. a copy on a GPU machine).
-SHARED = Path(os.environ.get("YOLACT_D2_SHARED", REPO.parent / "shared"))
+# ../shared beside the checkout; YOLACT_D2_SHARED points elsewhere (e.g. a copy on a GPU machine);
+# the deprecated YOLACT_D2_DATA still names data/ alone (yolact_d2/paths.py).
+from yolact_d2.paths import data_root, shared_root  # noqa: E402
+
+SHARED = shared_root()
 REFERENCE = SHARED / "reference"
-DATA = SHARED / "data"
+DATA = data_root()
 
 
 def need(path: Path) -> Path:

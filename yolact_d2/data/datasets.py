@@ -2,11 +2,10 @@
 
 detectron2 registers COCO 2017 itself (``coco_2017_train`` / ``coco_2017_val`` under
 ``$DETECTRON2_DATASETS``, default ``./datasets``). The small sets here come from a data root:
-``$YOLACT_D2_DATA`` if set, else ``../shared/data`` next to the repository (the project's test
-data). Names are registered even when the files are absent; detectron2 then fails at load time
+``$YOLACT_D2_SHARED/data``, else ``../shared/data`` next to the repository (the project's test
+data; :mod:`yolact_d2.paths`). Names are registered even when the files are absent; detectron2 then fails at load time
 naming the missing JSON.
 """
-import os
 from pathlib import Path
 from typing import Dict, List
 
@@ -27,9 +26,11 @@ SBD_CLASSES = [
 
 
 def default_data_root() -> Path:
-    """``$YOLACT_D2_DATA``, else ``<repo>/../shared/data``."""
-    env = os.environ.get("YOLACT_D2_DATA")
-    return Path(env) if env else Path(__file__).resolve().parents[2].parent / "shared" / "data"
+    """``$YOLACT_D2_SHARED/data``, else ``<repo>/../shared/data`` (:func:`yolact_d2.paths.data_root`;
+    the deprecated ``$YOLACT_D2_DATA`` still wins, with one warning)."""
+    from ..paths import data_root
+
+    return data_root()
 
 
 def register_builtin_datasets(root=None) -> None:
