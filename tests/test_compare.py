@@ -1,6 +1,9 @@
 """tools/compare.py: one tiny YOLACT-vs-Mask R-CNN comparison on Penn-Fudan (2 iterations each,
 160 px, 6 train / 3 val photos, batch 1), its report checked against what detectron2's evaluator
-logged in the training runs and what tools/benchmark.py wrote; README block and bad input."""
+logged in the training runs and what the timing wrote; README block and bad input; the tool's
+plan leaves its arguments alone; the package imports no script."""
+import ast
+import importlib.util
 import json
 import math
 import os
@@ -13,6 +16,15 @@ import pytest
 from conftest import DATA, REPO, need
 
 SCRIPT = REPO / "tools" / "compare.py"
+
+
+@pytest.fixture(scope="module")
+def tool():
+    """tools/compare.py as a module (tools/ is not a package; only tests load it this way)."""
+    spec = importlib.util.spec_from_file_location("compare_tool", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _tool(*args, env=None, timeout=600):
@@ -95,20 +107,23 @@ def test_report_files(run):
     assert [m["label"] for m in report["models"]] == ["YOLACT", "Mask R-CNN"]
 
 
-def test_ap_matches_the_evaluator_of_the_training_runs(run):
+def test_ap_matches_the_evaluator_of_the_training_runs(run, tool):
     """The AP in report.json and report.md equal what COCOEvaluator returned at the end of each
-    model's train_net.py run (a different process, read back from its log)."""
-    from yolact_d2.compare import METRICS, parse_markdown_table
+    model's train_net.py run (a different process, read back from its log); yolact_d2.compare.run_ap
+    reads the same figures from the run folder."""
+    from yolact_d2.compare import METRICS, run_ap
 
     report, out = _ok(run)
-    table = {r["model"]: r for r in parse_markdown_table((out / "report.md").read_text())}
+    table = {r["model"]: r for r in tool.parse_markdown_table((out / "report.md").read_text())}
     checked = []
     for m in report["models"]:
         logged = _trainer_log_ap(out / m["key"] / "train" / "log.txt")
         assert set(logged) == {"bbox", "segm"}
+        recorded = run_ap(out / m["key"] / "train")
         for task, word in (("bbox", "box"), ("segm", "mask")):
             for name, value in zip(METRICS, logged[task]):
                 assert _same(m["eval"][task][name], value, 1e-4), (m["label"], task, name)
+                assert _same(recorded[task][name], value, 1e-4), (m["label"], task, name)
                 assert _same(_cell(table[m["label"]][f"{word} {name}"]), value, 0.05 + 1e-9), (m["label"], task, name)
                 checked.append(value)
         saved = json.loads((out / m["key"] / "eval" / "eval_results.json").read_text())
@@ -118,13 +133,11 @@ def test_ap_matches_the_evaluator_of_the_training_runs(run):
     assert len({v for v in checked if not math.isnan(v) and v > 0}) >= 2
 
 
-def test_speed_matches_the_benchmark_json(run):
-    from yolact_d2.compare import parse_markdown_table
-
+def test_speed_matches_the_timing_json(run, tool):
     report, out = _ok(run)
     _, _, _, val = run
     timing = json.loads((out / "timing.json").read_text())
-    table = {r["model"]: r for r in parse_markdown_table((out / "report.md").read_text())}
+    table = {r["model"]: r for r in tool.parse_markdown_table((out / "report.md").read_text())}
     assert [t["label"] for t in timing["models"]] == ["YOLACT", "Mask R-CNN"]
     for m, t in zip(report["models"], timing["models"]):
         assert m["ms_per_image"] == pytest.approx(t["end_to_end_per_image_ms"])
@@ -152,9 +165,8 @@ def test_commands_and_environment(run):
     assert f"| torch | {torch.__version__} |" in md
 
 
-def test_readme_table_and_update(run, tmp_path):
-    from yolact_d2.compare import README_BEGIN, README_END, parse_markdown_table
-
+def test_readme_table_and_update(run, tmp_path, tool):
+    README_BEGIN, README_END, parse_markdown_table = tool.README_BEGIN, tool.README_END, tool.parse_markdown_table
     _, out = _ok(run)
     proc = _tool("--from-report", out / "report.json", "--readme-table")
     assert proc.returncode == 0, proc.stderr
@@ -169,20 +181,19 @@ def test_readme_table_and_update(run, tmp_path):
     assert parse_markdown_table(text) == parse_markdown_table((out / "report.md").read_text())
 
 
-def test_repository_readme_has_a_generated_block():
-    from yolact_d2.compare import README_BEGIN, README_END, parse_markdown_table
-
+def test_repository_readme_has_a_generated_block(tool):
     text = (REPO / "README.md").read_text()
-    block = text[text.index(README_BEGIN):text.index(README_END)]
-    rows = parse_markdown_table(block)
+    block = text[text.index(tool.README_BEGIN):text.index(tool.README_END)]
+    rows = tool.parse_markdown_table(block)
     assert {"YOLACT", "Mask R-CNN"} <= {r["model"] for r in rows}
 
 
 def test_scaled_schedule():
     pytest.importorskip("detectron2")
-    from yolact_d2.compare import load_cfg, scaled_schedule_opts
+    from yolact_d2.compare import scaled_schedule_opts
+    from yolact_d2.config import load_config
 
-    cfg = load_cfg(str(REPO / "configs/pennfudan/mask_rcnn_R_18_FPN_320.yaml"))  # 200 its, steps (160,), warm-up 20
+    cfg = load_config(str(REPO / "configs/pennfudan/mask_rcnn_R_18_FPN_320.yaml"))  # 200 its, steps (160,), warm-up 20
     assert scaled_schedule_opts(cfg, 50) == ["SOLVER.MAX_ITER", "50", "SOLVER.STEPS", "(40,)", "SOLVER.WARMUP_ITERS", "5"]
     cfg.merge_from_list(scaled_schedule_opts(cfg, 2))  # a step at 2 of 2 is dropped; the result stays valid
     assert cfg.SOLVER.STEPS == () and cfg.SOLVER.MAX_ITER == 2
@@ -191,7 +202,7 @@ def test_scaled_schedule():
 @pytest.mark.parametrize("args, expected", [
     (["--val-json", "/nonexistent/val.json"], r"^error: dataset file /nonexistent/val\.json not found: give --val-json"),
     (["--yolact-config", "configs/nope.yaml"], r"^error: config configs/nope\.yaml not found: give an existing YAML"),
-    (["--opts", "MODEL.NO_SUCH_KEY", "1"], r"^error: config .* / opts: .*MODEL\.NO_SUCH_KEY.*\(fix the key or value\)"),
+    (["--opts", "MODEL.NO_SUCH_KEY", "1"], r"^error: options: .*MODEL\.NO_SUCH_KEY"),
     (["--yolact-weights", "/nonexistent/run"], r"^error: weights /nonexistent/run not found: give a \.pth file"),
     (["--exported", "/nonexistent/m.onnx"], r"^error: --exported /nonexistent/m\.onnx: .*not found.*tools/export_model\.py"),
 ])
@@ -207,13 +218,12 @@ def test_bad_input_is_one_line_naming_the_fix(args, expected, tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-def test_exported_graph_gets_its_own_evaluated_and_timed_row(run, tmp_path):
+def test_exported_graph_gets_its_own_evaluated_and_timed_row(run, tmp_path, tool):
     """--exported: the YOLACT checkpoint of the tiny run exported end to end (ONNX) is evaluated by
     the same evaluator and timed on the same photos; its AP is the eager model's (the graph gives
     the same detections). Skipped where onnxruntime is absent."""
     pytest.importorskip("onnxruntime")
-    from yolact_d2.compare import parse_markdown_table
-
+    parse_markdown_table = tool.parse_markdown_table
     _, out = _ok(run)
     _, _, _, val = run
     onnx = tmp_path / "yolact_e2e.onnx"
@@ -237,7 +247,7 @@ def test_exported_graph_gets_its_own_evaluated_and_timed_row(run, tmp_path):
     for task in ("bbox", "segm"):
         for name, value in zip(("AP", "AP50", "AP75", "APs", "APm", "APl"), eager[task]):
             assert _same(row["eval"][task][name], value, 0.5), (task, name)
-    # Timed by tools/benchmark.py --exported in the same run as the two models (timing.json).
+    # Timed interleaved with the two models in the same run (timing.json), detections checked against eager.
     bench = json.loads((out2 / "timing.json").read_text())
     timing = next(m for m in bench["models"] if m.get("exported_file") == str(onnx))
     assert row["timing_json"] == str(out2 / "timing.json")
@@ -246,3 +256,76 @@ def test_exported_graph_gets_its_own_evaluated_and_timed_row(run, tmp_path):
     assert float(table[row["label"]]["ms/image"]) == pytest.approx(timing["end_to_end_per_image_ms"], abs=0.05 + 1e-9)
     assert float(table[row["label"]]["images/s"]) == pytest.approx(timing["images_per_s"], abs=0.005 + 1e-9)
     assert timing["end_to_end"]["n"] == 2
+
+
+def test_plan_leaves_its_arguments_alone(tool, tmp_path):
+    """run_comparison's training commands come from training_plan: the same specs twice give the
+    same commands twice, and neither the specs nor the common opts change."""
+    pytest.importorskip("detectron2")
+    data = tool.Dataset("t.json", "img", "v.json", "img")
+    common = ["SOLVER.IMS_PER_BATCH", "1"]
+    specs = [tool.ModelSpec("yolact", tool.DEFAULT_CONFIGS["yolact"], None, ["MODEL.YOLACT.INPUT_SIZE", "160"]),
+             tool.ModelSpec("mask_rcnn", tool.DEFAULT_CONFIGS["mask_rcnn"], "given.pth")]
+    before = [(s.key, s.config, s.weights, tuple(s.opts)) for s in specs]
+    first = tool.training_plan(specs, data, tmp_path, 2, common)
+    second = tool.training_plan(specs, data, tmp_path, 2, common)
+    assert first == second and list(first) == ["yolact"]  # given weights: not trained
+    cmd = first["yolact"]
+    assert cmd.count("SOLVER.IMS_PER_BATCH") == 1 and cmd.count("MODEL.YOLACT.INPUT_SIZE") == 1
+    # The model's own opts after the common ones (they win), then the budget.
+    assert cmd.index("SOLVER.IMS_PER_BATCH") < cmd.index("MODEL.YOLACT.INPUT_SIZE") < cmd.index("SOLVER.MAX_ITER")
+    assert [(s.key, s.config, s.weights, tuple(s.opts)) for s in specs] == before
+    assert common == ["SOLVER.IMS_PER_BATCH", "1"]
+
+
+SCRIPTS = {"train_net", "tools", "demo"}
+LOADERS = {"import_module", "__import__", "spec_from_file_location", "run_path", "run_module", "SourceFileLoader"}
+
+
+def script_imports(source: str, filename: str = "<string>"):
+    """Lines where ``source`` imports a script of the repository (``train_net``, ``tools``, ``demo``)
+    or reaches one another way: a loader (importlib, runpy, ``__import__``) or ``sys.path`` changed.
+    Returns ``[(line, what)]``."""
+    found = []
+    for node in ast.walk(ast.parse(source, filename)):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, a.name) for a in node.names if a.name.split(".")[0] in SCRIPTS]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            if node.module.split(".")[0] in SCRIPTS or node.module == "runpy":
+                found.append((node.lineno, node.module))
+        elif isinstance(node, ast.Call):
+            f = node.func
+            name = f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", None)
+            if name in LOADERS:
+                found.append((node.lineno, name))
+            # sys.path.insert / append / extend
+            if isinstance(f, ast.Attribute) and isinstance(f.value, ast.Attribute) and f.value.attr == "path" \
+                    and isinstance(f.value.value, ast.Name) and f.value.value.id == "sys":
+                found.append((node.lineno, f"sys.path.{f.attr}"))
+        elif isinstance(node, (ast.Assign, ast.AugAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            for t in targets:
+                t = t.value if isinstance(t, ast.Subscript) else t
+                if isinstance(t, ast.Attribute) and t.attr == "path" and getattr(t.value, "id", None) == "sys":
+                    found.append((node.lineno, "sys.path assignment"))
+        if isinstance(node, ast.Import) and any(a.name == "runpy" for a in node.names):
+            found.append((node.lineno, "runpy"))
+    return found
+
+
+@pytest.mark.parametrize("source", [
+    "import train_net", "from tools import benchmark", "import demo.demo", "from train_net import main",
+    "import importlib\nimportlib.import_module('train_net')", "import importlib.util as u\nu.spec_from_file_location('b', 'tools/b.py')",
+    "import runpy\nrunpy.run_path('tools/compare.py')", "import sys\nsys.path.insert(0, '..')", "import sys\nsys.path += ['..']",
+    "x = __import__('tools.compare')",
+])
+def test_script_import_detector_catches(source):
+    assert script_imports(source), source
+
+
+def test_package_imports_no_script():
+    """Nothing under yolact_d2/ imports train_net.py, tools/ or demo/, or loads them another way."""
+    offenders = []
+    for path in sorted((REPO / "yolact_d2").rglob("*.py")):
+        offenders += [f"{path.relative_to(REPO)}:{line}: {what}" for line, what in script_imports(path.read_text(), str(path))]
+    assert not offenders, "the package must not depend on the scripts around it: " + "; ".join(offenders)
