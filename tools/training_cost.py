@@ -77,7 +77,8 @@ def measure(config_file: str, opts=(), warmup: int = 2, repeat: int = 6) -> dict
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config-file", required=True, help="a YOLACT config (path or model_zoo:NAME)")
     p.add_argument("--opts", nargs="*", default=[], help="KEY VALUE config overrides")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps")
@@ -90,8 +91,9 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     r = measure(args.config_file, args.opts, args.warmup, args.repeat)
     print(f"training step ({r['batch']} images of {r['images']}), median of {args.repeat} each: diagnostics on "
-          f"{r['step_median_ms_on']:.0f} ms, off {r['step_median_ms_off']:.0f} ms (ratio {r['step_ratio_on_over_off']:.3f}); "
-          f"the diagnostics call alone {r['diagnostics_call_median_ms']:.1f} ms = {100 * r['call_share_of_step']:.2f}% of a step")
+          f"{r['step_median_ms_on']:.0f} ms, off {r['step_median_ms_off']:.0f} ms "
+          f"(ratio {r['step_ratio_on_over_off']:.3f}); the diagnostics call alone "
+          f"{r['diagnostics_call_median_ms']:.1f} ms = {100 * r['call_share_of_step']:.2f}% of a step")
     os.makedirs(os.path.dirname(os.path.abspath(args.output_json)), exist_ok=True)
     with open(args.output_json, "w") as f:
         json.dump(r, f, indent=1)

@@ -35,23 +35,23 @@ import resource
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
-from .paths import reference_root
 from .runtime import matched_detections
 
 __all__ = [
     "STAGE_LABELS", "COMPILED_NOTE", "StageClock", "InputAdapter", "ModelBench", "ExportedBench",
     "summarize", "paired_ratio", "stage_report", "time_interleaved", "time_predictor", "output_check",
-    "peak_memory", "time_nms", "time_mask_assembly", "save_stage_chart", "resolve_config", "load_model",
+    "peak_memory", "time_nms", "time_mask_assembly", "profile_onnx_graph", "GRAPH_STAGES", "save_stage_chart",
+    "resolve_config", "load_model",
     "environment", "matched_detections",
 ]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-YOLACT_R50_REFERENCE = reference_root() / "yolact_resnet50_seed1.pth"  # $YOLACT_D2_SHARED/reference
+YOLACT_R50_REFERENCE = REPO_ROOT.parent / "shared" / "reference" / "yolact_resnet50_seed1.pth"
 MODEL_ZOO_PREFIX = "model_zoo:"
 
 # Stage keys and labels in pipeline order (a model has the subset it runs).
@@ -82,7 +82,9 @@ MODULE_STAGES = {
     "protonet": "protonet", "priors_scores": "prior_generator", "rpn": "proposal_generator",
     "roi_heads": "roi_heads",
 }
-SMALL_INPUT_OPTS = {"YOLACT": ["MODEL.YOLACT.INPUT_SIZE", "160"], "other": ["INPUT.MIN_SIZE_TEST", "160", "INPUT.MAX_SIZE_TEST", "200"]}
+SMALL_INPUT_OPTS = {
+    "YOLACT": ["MODEL.YOLACT.INPUT_SIZE", "160"], "other": ["INPUT.MIN_SIZE_TEST", "160", "INPUT.MAX_SIZE_TEST", "200"],
+}
 COMPILED_NOTE = ("torch.compile: no per-module breakdown (forward hooks would break the compiled graph); "
                  "the network is one stage, the post-processing outside it is split")
 
@@ -115,7 +117,8 @@ def paired_ratio(numerator: Sequence[float], denominator: Sequence[float]) -> fl
         ValueError: the sequences differ in length or are empty.
     """
     if len(numerator) != len(denominator) or not len(numerator):
-        raise ValueError(f"paired_ratio needs two equally long non-empty sequences, got {len(numerator)} and {len(denominator)}")
+        raise ValueError(f"paired_ratio needs two equally long non-empty sequences, "
+                         f"got {len(numerator)} and {len(denominator)}")
     return float(np.median(np.divide(numerator, denominator)))
 
 
@@ -249,7 +252,8 @@ class InputAdapter:
         image = image_bgr[:, :, ::-1] if self.rgb else image_bgr
         if self.resize is not None:
             image = self.resize.get_transform(image).apply_image(image)
-        return {"image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))), "height": height, "width": width}
+        tensor = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+        return {"image": tensor, "height": height, "width": width}
 
 
 class ModelBench:
@@ -274,7 +278,8 @@ class ModelBench:
         # YOLACT.inference(inputs, clock=...) is what model(inputs) runs in eval mode.
         inference = getattr(model, "inference", None)
         self.takes_clock = inference is not None and "clock" in inspect.signature(inference).parameters
-        self.modules = {} if self.compiled else {k: m for k, p in MODULE_STAGES.items() if (m := _module(model, p)) is not None}
+        found = {k: _module(model, path) for k, path in MODULE_STAGES.items()}
+        self.modules = {} if self.compiled else {k: m for k, m in found.items() if m is not None}
 
     def autocast(self):
         if self.amp == "none":
@@ -398,7 +403,8 @@ def peak_memory(device: str, result: Dict):
         base = torch.cuda.memory_allocated()
         yield
         torch.cuda.synchronize()
-        result.update(method="torch.cuda.max_memory_allocated", peak_increase_mb=(torch.cuda.max_memory_allocated() - base) / 2**20)
+        result.update(method="torch.cuda.max_memory_allocated",
+                      peak_increase_mb=(torch.cuda.max_memory_allocated() - base) / 2**20)
         return
     gc.collect()
     with contextlib.suppress(OSError, AttributeError):  # freed heap back to the OS: the base is live memory
@@ -414,7 +420,8 @@ def peak_memory(device: str, result: Dict):
     yield
     peak_kb = _read_status_kb("VmHWM") if reset else None
     if peak_kb is not None and base_kb is not None:
-        result.update(method="VmHWM - VmRSS (peak RSS reset via /proc/self/clear_refs)", peak_increase_mb=(peak_kb - base_kb) / 1024)
+        result.update(method="VmHWM - VmRSS (peak RSS reset via /proc/self/clear_refs)",
+                      peak_increase_mb=(peak_kb - base_kb) / 1024)
     else:
         delta = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - maxrss_before
         result.update(method="ru_maxrss delta (lower bound)", peak_increase_mb=delta / 1024)
@@ -500,8 +507,9 @@ def time_nms(candidates: Sequence[Dict], iou_threshold: float, top_k: int, max_d
     """
     from .fast_nms import multiclass_nms
 
-    out = {"iou_threshold": iou_threshold, "top_k": top_k, "max_detections": max_detections, "class_agnostic": class_agnostic,
-           "repeat": number, "threads": threads, "timer": "torch.utils.benchmark.Timer.timeit",
+    out = {"iou_threshold": iou_threshold, "top_k": top_k, "max_detections": max_detections,
+           "class_agnostic": class_agnostic, "repeat": number, "threads": threads,
+           "timer": "torch.utils.benchmark.Timer.timeit",
            "candidates_per_image": [int(c["boxes"].shape[0]) for c in candidates], "methods": {}}
     for method in ("fast", "cluster", "standard"):
         calls = [lambda c=c, m=method: multiclass_nms(c["boxes"], c["scores"], iou_threshold, top_k, max_detections,
@@ -544,8 +552,57 @@ def time_mask_assembly(candidate: Dict, mask_threshold: float, number: int = 10,
             upsample_masks(crop_masks(assemble_masks(p, coeffs), boxes), h, w, mask_threshold)
 
     m = _timer(call, threads).timeit(number)
-    return {"median_ms": m.mean * 1e3, "repeat": number, "threads": threads, "timer": "torch.utils.benchmark.Timer.timeit",
-            "detections": 100, "image_size": [h, w], "prototype_size": list(p.shape), "source": source}
+    return {"median_ms": m.mean * 1e3, "repeat": number, "threads": threads,
+            "timer": "torch.utils.benchmark.Timer.timeit", "detections": 100, "image_size": [h, w],
+            "prototype_size": list(p.shape), "source": source}
+
+
+# ----------------------------------------------------------------------------- exported graphs
+# Stages inside an exported ONNX graph, by the module path in its node names (first match wins).
+GRAPH_STAGES = {
+    "/backbone/bottom_up": "backbone bottom-up (ResNet)",
+    "/backbone/": "FPN (P3-P7)",
+    "/head/": "prediction head",
+    "/protonet/": "protonet",
+    "": "resize in, box decoding, Fast NMS, masks, paste",
+}
+
+
+def graph_stage(node_name: str) -> str:
+    """The GRAPH_STAGES key of an ONNX node name (e.g. "/raw/backbone/bottom_up/res2/...")."""
+    return next(k for k in GRAPH_STAGES if k in node_name)
+
+
+
+def profile_onnx_graph(path: str, images_bgr: Sequence[np.ndarray], threads: int) -> Dict:
+    """Kernel time per stage inside an exported ONNX graph, from onnxruntime's profiler (a separate
+    profiled session, one untimed run per (H, W, 3) uint8 BGR image), by the node names the exporter
+    gives (the module path, :data:`GRAPH_STAGES`). Returns ``kernel_ms_per_image`` and ``share`` per
+    stage key, and ``source``."""
+    import json
+    import tempfile
+
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.enable_profiling = True
+        options.profile_file_prefix = os.path.join(tmp, "ort")
+        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        for img in images_bgr:
+            session.run(None, {name: np.ascontiguousarray(img)})
+        with open(session.end_profiling()) as f:
+            events = json.load(f)
+    stages = {k: 0.0 for k in GRAPH_STAGES}
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            stages[graph_stage(e["name"])] += e["dur"] / 1e3 / len(images_bgr)
+    total = sum(stages.values())
+    return {"kernel_ms_per_image": stages, "share": {k: v / total for k, v in stages.items()} if total else {},
+            "source": "onnxruntime profiler, kernel time by node name"}
+
 
 
 # ----------------------------------------------------------------------------- configs, models, environment
@@ -554,23 +611,25 @@ def resolve_config(spec: str) -> Tuple[str, str]:
     name. Relative paths are tried from the working directory, then from the repository root.
 
     Raises:
-        FileNotFoundError: neither a file nor a model-zoo config.
+        MissingFileError (a FileNotFoundError): neither a file nor a model-zoo config.
     """
     from detectron2 import model_zoo
+
+    from .errors import MissingFileError
 
     if spec.startswith(MODEL_ZOO_PREFIX):
         name = spec[len(MODEL_ZOO_PREFIX):]
         try:
             return model_zoo.get_config_file(name), spec
         except RuntimeError as e:
-            raise FileNotFoundError(f"{name!r} is not a detectron2 model-zoo config") from e
+            raise MissingFileError(f"{name!r} is not a detectron2 model-zoo config") from e
     for candidate in (Path(spec), REPO_ROOT / spec):
         if candidate.is_file():
             return str(candidate), spec
     try:
         return model_zoo.get_config_file(spec), MODEL_ZOO_PREFIX + spec
     except RuntimeError:
-        raise FileNotFoundError(f"config {spec!r}: no such file, and not a detectron2 model-zoo name") from None
+        raise MissingFileError(f"config {spec!r}: no such file, and not a detectron2 model-zoo name") from None
 
 
 def arch_label(cfg) -> str:
@@ -629,8 +688,9 @@ def load_model(spec: str, opts: Sequence[str] = (), weights: Optional[str] = Non
         DetectionCheckpointer(model).load(weights)
     model.eval()
     n_bytes = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
-    return {"cfg": cfg, "model": model, "is_yolact": is_yolact, "config": display, "config_path": path, "opts": list(opts),
-            "weights": weights or "random init", "arch": arch_label(cfg), "weights_mb": n_bytes / 2**20}
+    return {"cfg": cfg, "model": model, "is_yolact": is_yolact, "config": display, "config_path": path,
+            "opts": list(opts), "weights": weights or "random init", "arch": arch_label(cfg),
+            "weights_mb": n_bytes / 2**20}
 
 
 def environment(device: str = "cpu", argv: Optional[Sequence[str]] = None) -> Dict:
@@ -646,8 +706,8 @@ def environment(device: str = "cpu", argv: Optional[Sequence[str]] = None) -> Di
     return {
         "device": device, "device_name": torch.cuda.get_device_name() if device == "cuda" else cpu, "cpu_model": cpu,
         "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-        "torchvision": torchvision.__version__, "detectron2": detectron2.__version__, "python": platform.python_version(),
-        "platform": platform.platform(),
+        "torchvision": torchvision.__version__, "detectron2": detectron2.__version__,
+        "python": platform.python_version(), "platform": platform.platform(),
         "command": " ".join([sys.executable] + sys.argv) if argv is None else " ".join(argv),
         "time": datetime.datetime.now().isoformat(timespec="seconds"),
         # Other processes share the CPU: the load average tells how noisy the figures are.
@@ -668,7 +728,8 @@ def save_stage_chart(reports: Sequence[Dict], path: str):
     if not reports:
         return
     heights = [0.45 * len(r["stages"]) + 1.2 for r in reports]
-    fig, axes = plt.subplots(len(reports), 1, figsize=(9, sum(heights)), squeeze=False, gridspec_kw={"height_ratios": heights})
+    fig, axes = plt.subplots(len(reports), 1, figsize=(9, sum(heights)), squeeze=False,
+                             gridspec_kw={"height_ratios": heights})
     for ax, r in zip(axes[:, 0], reports):
         st = list(r["stages"].values())
         med = np.array([s["median_ms"] for s in st])
