@@ -202,6 +202,24 @@ def test_timed_call_detections_equal_the_model_call(timed, arch):
     _assert_same_detections(outputs, direct)
 
 
+def test_no_stages_is_the_plain_call(built):
+    """--no-stages: the same call without hooks or clock (the GPU figure's mode): no stage times, no
+    hook while the model runs, the same detections, and a report without a breakdown."""
+    bm, models, images = built
+    m = models["YOLACT"]
+    hooked = []
+    handle = m["model"].head.register_forward_pre_hook(
+        lambda mod, args: hooked.append(len(m["model"].backbone._forward_hooks) + len(mod._forward_hooks)))
+    try:
+        seconds, stages, outputs = bm.ModelBench(m["model"], m["cfg"], stages=False)(images)
+    finally:
+        handle.remove()
+    assert stages == {} and hooked == [0] and seconds > 0
+    _assert_same_detections(outputs, _model_call(m, images))
+    report = bm.stage_report([seconds], [stages])
+    assert report["stages"] == {} and report["unattributed_share"] is None
+
+
 def test_yolact_stages_add_up_to_the_call(timed):
     """The stages are timed inside the call whose wall time is the end-to-end figure: none counted
     twice (their sum stays within the wall time measured here around the call) and little missing
