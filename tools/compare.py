@@ -421,12 +421,28 @@ def _budget(trained: Optional[Dict], weights: str) -> str:
     return f"{it} iterations (checkpoint)" if it else "given checkpoint"
 
 
-def _setup_logging(out: Path) -> None:
-    """The evaluator's progress, ETA and AP lines on the console and in ``out/log.txt``."""
+@contextlib.contextmanager
+def _log_file(out: Path):
+    """The evaluator's progress, ETA and AP lines on the console (detectron2's ``setup_logger``,
+    once per process) and, while the block runs, in ``out/log.txt`` (removed after it, so a second
+    comparison in the same process neither prints twice nor writes to the first one's file)."""
+    import logging
+
     from detectron2.utils.logger import setup_logger
 
-    for name in ("detectron2", "yolact_d2"):
-        setup_logger(output=str(out / "log.txt"), name=name, abbrev_name="d2" if name == "detectron2" else name)
+    names = ("detectron2", "yolact_d2")
+    for name in names:
+        setup_logger(name=name, abbrev_name="d2" if name == "detectron2" else name)  # cached: console once
+    handler = logging.FileHandler(out / "log.txt")
+    handler.setFormatter(logging.Formatter("[%(asctime)s] %(name)s %(levelname)s: %(message)s", datefmt="%m/%d %H:%M:%S"))
+    for name in names:
+        logging.getLogger(name).addHandler(handler)
+    try:
+        yield
+    finally:
+        for name in names:
+            logging.getLogger(name).removeHandler(handler)
+        handler.close()
 
 
 def run_comparison(specs: Sequence[ModelSpec], data: Dataset, out_dir: str, iters: Optional[int] = None,
@@ -484,99 +500,99 @@ def run_comparison(specs: Sequence[ModelSpec], data: Dataset, out_dir: str, iter
             trained[s.key] = train(s, plan[s.key], out / s.key / "train", budget)
             weights[s.key] = trained[s.key]["weights"]
 
-    _setup_logging(out)
-    rows, benches, models = [], {}, {}
-    for s in specs:
-        opts = model_opts(s, common_opts)
-        cfg = C.eval_config(configs[s.key], opts, data.val_json, data.val_images)
-        if cfg.MODEL.META_ARCHITECTURE == "YOLACT" and cfg.MODEL.YOLACT.FIT_PRIORS:
-            # The fitted priors live in the training run's config.yaml, not in the config file.
-            saved = Path(weights[s.key]).parent / "config.yaml"
-            if not saved.is_file():
-                raise CompareError(f"{s.label}: MODEL.YOLACT.FIT_PRIORS is set but {saved} (the training run's "
-                                   "config, which holds the fitted priors) is missing; give the run folder as weights")
-            configs = {**configs, s.key: str(saved)}
+    with _log_file(out):
+        rows, benches, models = [], {}, {}
+        for s in specs:
+            opts = model_opts(s, common_opts)
             cfg = C.eval_config(configs[s.key], opts, data.val_json, data.val_images)
-        print(f"[compare] evaluating {s.label} ({weights[s.key]}) on {data.val_json}", flush=True)
-        model, cfg = C.build_eval_model(cfg, weights[s.key])
-        ev = C.evaluate(model, cfg, str(out / s.key / "eval"))
-        benches[s.label] = bm.ModelBench(model, cfg)
-        models[s.key] = (benches[s.label], cfg)
-        n_classes = cfg.MODEL.YOLACT.NUM_CLASSES  # eval_config set both heads' count from the val JSON
-        rows.append({
-            "key": s.key, "label": s.label, "config": _rel(configs[s.key]), "config_path": configs[s.key], "opts": opts,
-            "class_opts": ["MODEL.YOLACT.NUM_CLASSES", str(n_classes), "MODEL.ROI_HEADS.NUM_CLASSES", str(n_classes)],
-            "weights": weights[s.key], "budget": _budget(trained.get(s.key), weights[s.key]),
-            "train_command": trained.get(s.key, {}).get("command"),
-            "train_seconds": trained.get(s.key, {}).get("seconds"),
-            "eval_command": _eval_command(s, configs[s.key], data, opts, weights[s.key], out / s.key / "eval"),
-            "eval_results_json": ev["results_json"], "eval": ev["results"], "eval_seconds": ev["seconds"],
-        })
-    references = {}
-    if predictor is not None:
-        yolact = next(r for r in rows if r["key"] == "yolact")
-        bench, cfg = models["yolact"]
-        precision = getattr(predictor, "precision", "f32")
-        label = f"{yolact['label']} ({predictor.runtime}" + (f" {precision})" if precision != "f32" else ")")
-        print(f"[compare] evaluating {label} ({exported}) on {data.val_json}", flush=True)
-        ev = C.evaluate(predictor, cfg, str(out / "exported" / "eval"))
-        benches[label] = bm.ExportedBench(predictor, bench)
-        references[label] = bench.reference
-        rows.append({
-            "key": "exported", "label": label, "config": yolact["config"], "config_path": yolact["config_path"],
-            "opts": yolact["opts"], "class_opts": yolact["class_opts"], "weights": exported,
-            "budget": "export of the YOLACT row", "train_command": None, "train_seconds": None,
-            "eval_command": _eval_command(next(s for s in specs if s.key == "yolact"), configs["yolact"], data,
-                                          yolact["opts"], None, out / "exported" / "eval", exported=exported),
-            "eval_results_json": ev["results_json"], "eval": ev["results"], "eval_seconds": ev["seconds"],
-            "exported_file": exported,
-        })
+            if cfg.MODEL.META_ARCHITECTURE == "YOLACT" and cfg.MODEL.YOLACT.FIT_PRIORS:
+                # The fitted priors live in the training run's config.yaml, not in the config file.
+                saved = Path(weights[s.key]).parent / "config.yaml"
+                if not saved.is_file():
+                    raise CompareError(f"{s.label}: MODEL.YOLACT.FIT_PRIORS is set but {saved} (the training run's "
+                                       "config, which holds the fitted priors) is missing; give the run folder as weights")
+                configs = {**configs, s.key: str(saved)}
+                cfg = C.eval_config(configs[s.key], opts, data.val_json, data.val_images)
+            print(f"[compare] evaluating {s.label} ({weights[s.key]}) on {data.val_json}", flush=True)
+            model, cfg = C.build_eval_model(cfg, weights[s.key])
+            ev = C.evaluate(model, cfg, str(out / s.key / "eval"))
+            benches[s.label] = bm.ModelBench(model, cfg)
+            models[s.key] = (benches[s.label], cfg)
+            n_classes = cfg.MODEL.YOLACT.NUM_CLASSES  # eval_config set both heads' count from the val JSON
+            rows.append({
+                "key": s.key, "label": s.label, "config": _rel(configs[s.key]), "config_path": configs[s.key], "opts": opts,
+                "class_opts": ["MODEL.YOLACT.NUM_CLASSES", str(n_classes), "MODEL.ROI_HEADS.NUM_CLASSES", str(n_classes)],
+                "weights": weights[s.key], "budget": _budget(trained.get(s.key), weights[s.key]),
+                "train_command": trained.get(s.key, {}).get("command"),
+                "train_seconds": trained.get(s.key, {}).get("seconds"),
+                "eval_command": _eval_command(s, configs[s.key], data, opts, weights[s.key], out / s.key / "eval"),
+                "eval_results_json": ev["results_json"], "eval": ev["results"], "eval_seconds": ev["seconds"],
+            })
+        references = {}
+        if predictor is not None:
+            yolact = next(r for r in rows if r["key"] == "yolact")
+            bench, cfg = models["yolact"]
+            precision = getattr(predictor, "precision", "f32")
+            label = f"{yolact['label']} ({predictor.runtime}" + (f" {precision})" if precision != "f32" else ")")
+            print(f"[compare] evaluating {label} ({exported}) on {data.val_json}", flush=True)
+            ev = C.evaluate(predictor, cfg, str(out / "exported" / "eval"))
+            benches[label] = bm.ExportedBench(predictor, bench)
+            references[label] = bench.reference
+            rows.append({
+                "key": "exported", "label": label, "config": yolact["config"], "config_path": yolact["config_path"],
+                "opts": yolact["opts"], "class_opts": yolact["class_opts"], "weights": exported,
+                "budget": "export of the YOLACT row", "train_command": None, "train_seconds": None,
+                "eval_command": _eval_command(next(s for s in specs if s.key == "yolact"), configs["yolact"], data,
+                                              yolact["opts"], None, out / "exported" / "eval", exported=exported),
+                "eval_results_json": ev["results_json"], "eval": ev["results"], "eval_seconds": ev["seconds"],
+                "exported_file": exported,
+            })
 
-    photos = C.read_photos(data.val_json, data.val_images, num_images)
-    link_images([n for n, _ in photos], data.val_images, out / "timing_images")
-    print(f"[compare] timing {' vs '.join(benches)} on {len(photos)} val photos, interleaved", flush=True)
-    timing = C.time_on_photos(benches, [im for _, im in photos], references=references)
-    timing_json = out / "timing.json"
-    entries = []
-    for r in rows:
-        t = timing[r["label"]]
-        r.update(ms_per_image=t["end_to_end_per_image_ms"], images_per_s=t["images_per_s"], timing_json=str(timing_json))
-        entries.append({"label": r["label"], "config": r["config"], "opts": r["opts"], "weights": r["weights"],
-                        **({"exported_file": exported} if r["key"] == "exported" else {}), **t})
-    meta = bm.environment("cpu", shlex.split(command) if command else None)
-    meta.update(images=[n for n, _ in photos], num_images=len(photos), warmup=1, repeat=1, batch_size=1)
-    timing_json.write_text(json.dumps({"meta": meta, "models": entries}, indent=1))
-    timing_command = _timing_command([r for r in rows if r["key"] != "exported"], out / "timing_images", len(photos),
-                                     threads, exported)
-    for r in rows:  # only for the standalone command
-        r.pop("class_opts")
+        photos = C.read_photos(data.val_json, data.val_images, num_images)
+        link_images([n for n, _ in photos], data.val_images, out / "timing_images")
+        print(f"[compare] timing {' vs '.join(benches)} on {len(photos)} val photos, interleaved", flush=True)
+        timing = C.time_on_photos(benches, [im for _, im in photos], references=references)
+        timing_json = out / "timing.json"
+        entries = []
+        for r in rows:
+            t = timing[r["label"]]
+            r.update(ms_per_image=t["end_to_end_per_image_ms"], images_per_s=t["images_per_s"], timing_json=str(timing_json))
+            entries.append({"label": r["label"], "config": r["config"], "opts": r["opts"], "weights": r["weights"],
+                            **({"exported_file": exported} if r["key"] == "exported" else {}), **t})
+        meta = bm.environment("cpu", shlex.split(command) if command else None)
+        meta.update(images=[n for n, _ in photos], num_images=len(photos), warmup=1, repeat=1, batch_size=1)
+        timing_json.write_text(json.dumps({"meta": meta, "models": entries}, indent=1))
+        timing_command = _timing_command([r for r in rows if r["key"] != "exported"], out / "timing_images", len(photos),
+                                         threads, exported)
+        for r in rows:  # only for the standalone command
+            r.pop("class_opts")
 
-    rows_png = []
-    vis = C.read_photos(data.val_json, data.val_images, vis_images)
-    for s in specs:
-        bench, cfg = models[s.key]
-        rows_png.append(draw_row(bench, cfg, vis, score_thresh, s.label, out / f"predictions_{s.key}.png"))
-    width = max(r.shape[1] for r in rows_png)
-    rows_png = [np.pad(r, ((0, 4), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in rows_png]
-    cv2.imwrite(str(out / "predictions.png"), np.concatenate(rows_png, axis=0))
+        rows_png = []
+        vis = C.read_photos(data.val_json, data.val_images, vis_images)
+        for s in specs:
+            bench, cfg = models[s.key]
+            rows_png.append(draw_row(bench, cfg, vis, score_thresh, s.label, out / f"predictions_{s.key}.png"))
+        width = max(r.shape[1] for r in rows_png)
+        rows_png = [np.pad(r, ((0, 4), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in rows_png]
+        cv2.imwrite(str(out / "predictions.png"), np.concatenate(rows_png, axis=0))
 
-    env["loadavg_end"] = list(os.getloadavg())
-    report = {
-        "command": command, "output_dir": str(out), "environment": env, "models": rows, "timed_only": [],
-        "dataset": {"train_json": data.train_json, "val_json": data.val_json, "val_images": data.val_images,
-                    "val_images_count": data.val_count(), "num_classes": n_classes},
-        "timing": {"num_images": len(photos), "images": [n for n, _ in photos], "json": [str(timing_json)],
-                   "commands": [timing_command]},
-        "pictures": {"score_thresh": score_thresh, "num_images": vis_images},
-        "files": {"report_md": str(out / "report.md"), "report_json": str(out / "report.json"),
-                  "speed_accuracy_png": str(out / "speed_accuracy.png"), "predictions_png": str(out / "predictions.png")},
-    }
-    plot_speed_accuracy(rows, out / "speed_accuracy.png", env["device"])
-    with open(out / "report.json", "w") as f:
-        json.dump(report, f, indent=1)
-    (out / "report.md").write_text(render_markdown(report))
-    print("\n" + markdown_table(report) + f"\n\n[compare] wrote {out / 'report.md'} and {out / 'report.json'}", flush=True)
-    return report
+        env["loadavg_end"] = list(os.getloadavg())
+        report = {
+            "command": command, "output_dir": str(out), "environment": env, "models": rows, "timed_only": [],
+            "dataset": {"train_json": data.train_json, "val_json": data.val_json, "val_images": data.val_images,
+                        "val_images_count": data.val_count(), "num_classes": n_classes},
+            "timing": {"num_images": len(photos), "images": [n for n, _ in photos], "json": [str(timing_json)],
+                       "commands": [timing_command]},
+            "pictures": {"score_thresh": score_thresh, "num_images": vis_images},
+            "files": {"report_md": str(out / "report.md"), "report_json": str(out / "report.json"),
+                      "speed_accuracy_png": str(out / "speed_accuracy.png"), "predictions_png": str(out / "predictions.png")},
+        }
+        plot_speed_accuracy(rows, out / "speed_accuracy.png", env["device"])
+        with open(out / "report.json", "w") as f:
+            json.dump(report, f, indent=1)
+        (out / "report.md").write_text(render_markdown(report))
+        print("\n" + markdown_table(report) + f"\n\n[compare] wrote {out / 'report.md'} and {out / 'report.json'}", flush=True)
+        return report
 
 
 # ----------------------------------------------------------------------------- command line
