@@ -38,9 +38,10 @@ import torch
 from tabulate import tabulate
 
 from yolact_d2 import benchmarking as bm
+from yolact_d2.paths import data_root
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-COCO128_IMAGES = REPO_ROOT.parent / "shared" / "data" / "coco128" / "images"
+COCO128_IMAGES = data_root() / "coco128" / "images"  # $YOLACT_D2_SHARED/data, else ../shared/data
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 def load_images(args) -> Tuple[List[Tuple[str, np.ndarray]], str]:
     """``num_images`` decoded BGR images and their source: ``--images`` (folder or glob), else

@@ -40,6 +40,7 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from .paths import reference_root
 from .runtime import matched_detections
 
 __all__ = [
@@ -51,7 +52,7 @@ __all__ = [
 ]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-YOLACT_R50_REFERENCE = REPO_ROOT.parent / "shared" / "reference" / "yolact_resnet50_seed1.pth"
+YOLACT_R50_REFERENCE = reference_root() / "yolact_resnet50_seed1.pth"  # $YOLACT_D2_SHARED/reference
 MODEL_ZOO_PREFIX = "model_zoo:"
 
 # Stage keys and labels in pipeline order (a model has the subset it runs).
