@@ -16,8 +16,10 @@ SIZE = 64
 LEVELS = [(8, 8), (4, 4), (2, 2)]  # P3-P5 at 64 px
 SCALES = [[8.0, 11.0], [16.0, 22.0], [32.0, 45.0]]
 RATIOS = [1.0, 0.5, 2.0]
+SUBSET = "pennfudan_train_first12"  # 12 photos: the fit's cost grows with the objects
 TINY = ["MODEL.YOLACT.INPUT_SIZE", "128", "MODEL.FPN.OUT_CHANNELS", "32", "SOLVER.IMS_PER_BATCH", "2",
-        "DATALOADER.NUM_WORKERS", "0", "DATASETS.TEST", "()", "MODEL.DEVICE", "cpu", "SOLVER.MAX_ITER", "1",
+        "DATALOADER.NUM_WORKERS", "0", "DATASETS.TRAIN", f"('{SUBSET}',)", "DATASETS.TEST", "()",
+        "MODEL.DEVICE", "cpu", "SOLVER.MAX_ITER", "1",
         "MODEL.YOLACT.FIT_PRIORS", "True", "MODEL.YOLACT.FIT_PRIORS_ITERATIONS", "20"]
 
 
@@ -81,8 +83,15 @@ def _args(out_dir, *extra):
 def fitted_run(tmp_path_factory):
     """One training step of the tiny Penn-Fudan model with FIT_PRIORS, through train_net's setup."""
     need(DATA / "pennfudan")
-    from train_net import Trainer, setup
+    from detectron2.data import DatasetCatalog, MetadataCatalog
 
+    from train_net import Trainer, setup
+    from yolact_d2.data.datasets import register_builtin_datasets
+
+    register_builtin_datasets()
+    if SUBSET not in DatasetCatalog.list():
+        DatasetCatalog.register(SUBSET, lambda: DatasetCatalog.get("pennfudan_train")[:12])
+        MetadataCatalog.get(SUBSET).set(thing_classes=["person"])
     out = tmp_path_factory.mktemp("fit_priors")
     cfg = setup(_args(out))
     trainer = Trainer(cfg)
