@@ -6,6 +6,7 @@ the original's layout table and tests/original_oracle.py, never from the package
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -25,6 +26,102 @@ CONFIG = str(REPO / "configs/pennfudan/yolact_R_18_FPN_320.yaml")
 def train_net(*args, env=None):
     return subprocess.run([sys.executable, str(REPO / "train_net.py"), *args], capture_output=True, text=True,
                           cwd=REPO, env=env, timeout=600)
+
+
+def train_net_in_process(*args, env=None):
+    """:func:`train_net` run by :func:`run_script_in_process`: the same result without a new interpreter."""
+    return run_script_in_process(REPO / "train_net.py", args, cwd=REPO, env=env)
+
+
+# ----------------------------------------------------------------------------- scripts in this process
+def run_script_in_process(script, argv, cwd=None, env=None):
+    """``python script *argv`` inside this process, so the ~5 s of torch/detectron2 imports are paid
+    once for all runs. Returns a ``subprocess.CompletedProcess`` as ``subprocess.run`` would (text
+    stdout and stderr): exit status 0 on a normal end, the ``SystemExit`` code (its message printed
+    to stderr, status 1, as the interpreter does for a string), or status 1 after the traceback of
+    any other exception, printed to stderr as the interpreter prints it.
+
+    The scripts set things up for a process of their own; restored afterwards: logging handlers,
+    levels and ``propagate`` (loggers created by the run lose their handlers), detectron2's
+    ``setup_logger`` cache (else a later run's logger gets no handler), warnings capture and
+    filters, DatasetCatalog/MetadataCatalog entries and the metadata fields the run set, os.environ
+    (``env`` entries are set for the run), the working directory (``cwd``), sys.path, sys.argv,
+    the torch/numpy/random RNG states and torch's thread count.
+
+    What this cannot show, kept for real subprocesses: output written to the real stderr before
+    the script's logging is set up (import-time warnings), and the interpreter's own exit path.
+    """
+    import contextlib
+    import io
+    import logging
+    import os
+    import random
+    import runpy
+    import traceback
+    import warnings
+
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+    from detectron2.utils import logger as d2_logger
+
+    manager = logging.root.manager
+    loggers = [logging.getLogger()] + [lg for lg in manager.loggerDict.values() if isinstance(lg, logging.Logger)]
+    saved_loggers = [(lg, list(lg.handlers), lg.level, lg.propagate, lg.disabled) for lg in loggers]
+    saved_datasets = dict(DatasetCatalog.data)
+    saved_metadata = {name: (m, dict(vars(m))) for name, m in MetadataCatalog.data.items()}
+    saved_env, saved_cwd, path, argv0 = dict(os.environ), os.getcwd(), list(sys.path), list(sys.argv)
+    rng = (torch.get_rng_state(), np.random.get_state(), random.getstate())
+    threads = torch.get_num_threads()
+    stdout, stderr, status = io.StringIO(), io.StringIO(), 0
+    d2_logger.setup_logger.cache_clear()
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(stdout):
+            os.environ.update(env or {})
+            if cwd is not None:
+                os.chdir(cwd)
+            sys.path[:0] = [str(REPO), str(Path(script).parent)]  # as `python script` would
+            sys.argv = [str(script), *map(str, argv)]
+            try:
+                runpy.run_path(str(script), run_name="__main__")
+            except SystemExit as e:
+                if e.code is None or isinstance(e.code, int):
+                    status = e.code or 0
+                else:
+                    print(e.code, file=sys.stderr)
+                    status = 1
+            except Exception:
+                traceback.print_exc(file=sys.stderr)
+                status = 1
+    finally:
+        logging.captureWarnings(False)
+        d2_logger.setup_logger.cache_clear()
+        known = {id(lg) for lg, *_ in saved_loggers}
+        for lg in list(manager.loggerDict.values()):
+            if isinstance(lg, logging.Logger) and id(lg) not in known:
+                lg.handlers[:] = []
+        for lg, handlers, level, propagate, disabled in saved_loggers:
+            lg.handlers[:] = handlers
+            lg.setLevel(level)
+            lg.propagate, lg.disabled = propagate, disabled
+        DatasetCatalog.data.clear()
+        DatasetCatalog.data.update(saved_datasets)
+        MetadataCatalog.data.clear()
+        for name, (m, fields) in saved_metadata.items():
+            vars(m).clear()
+            vars(m).update(fields)
+            MetadataCatalog.data[name] = m
+        for key in set(os.environ) - set(saved_env):  # key by key: threads may be starting processes
+            del os.environ[key]
+        for key, value in saved_env.items():
+            if os.environ.get(key) != value:
+                os.environ[key] = value
+        os.chdir(saved_cwd)
+        sys.path[:], sys.argv = path, argv0
+        torch.set_rng_state(rng[0])
+        np.random.set_state(rng[1])
+        random.setstate(rng[2])
+        torch.set_num_threads(threads)
+    return subprocess.CompletedProcess([sys.executable, str(script), *map(str, argv)], status,
+                                       stdout.getvalue(), stderr.getvalue())
 
 
 # ----------------------------------------------------------------------------- original-layout checkpoints

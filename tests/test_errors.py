@@ -4,6 +4,7 @@ A user's mistake raises a :class:`yolact_d2.errors.YolactUserError` (config, fil
 checkpoint, device), which the entry points print as "error: ..."; an internal error is injected
 here deep inside the model build (ProtoNet's constructor) as a plain ValueError / KeyError /
 RuntimeError, and must reach the user with its traceback."""
+import builtins
 import subprocess
 import sys
 import textwrap
@@ -13,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from conftest import REPO
+from helpers import run_script_in_process
 
 CONFIG = str(REPO / "configs/yolact_R_50_FPN_550.yaml")
 SMALL = ["MODEL.YOLACT.INPUT_SIZE", "160", "MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64",
@@ -34,7 +36,7 @@ def test_error_types_keep_their_builtin_bases():
 
 
 def _with_bug(script, error, argv):
-    """Run ``script`` as __main__ with ProtoNet's constructor raising a plain ``error``."""
+    """Run ``script`` as __main__ in a new interpreter with ProtoNet's constructor raising a plain ``error``."""
     code = textwrap.dedent(f"""
         import runpy, sys
         sys.path[:0] = [{str(REPO)!r}, {str(Path(script).parent)!r}]  # as `python script` would
@@ -50,6 +52,11 @@ def _with_bug(script, error, argv):
     return [sys.executable, "-c", code]
 
 
+# One internal error and one user mistake per entry point in a real interpreter (what reaches the
+# real stderr, the interpreter's exit status); the rest of the matrix runs in this process.
+SUBPROCESS = {"train_ValueError", "demo_ValueError", "train_missing_weights"}
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     d = tmp_path_factory.mktemp("errors")
@@ -61,24 +68,44 @@ def runs(tmp_path_factory):
     train = [str(REPO / "train_net.py"), "--config-file", CONFIG, "--eval-only"]
     evaluate = [*SMALL, "DATASETS.TEST", "()", "MODEL.WEIGHTS", ""]
     demo_args = ["--input", str(photo), "--output", str(d / "out.jpg"), "--opts", *SMALL]
-    jobs = {f"train_{e}": _with_bug(str(REPO / "train_net.py"), e, [*train[1:], *evaluate, "OUTPUT_DIR", str(d / e)])
-            for e in INTERNAL}
-    jobs["demo_ValueError"] = _with_bug(str(REPO / "demo/demo.py"), "ValueError", demo_args)
-    jobs["train_missing_weights"] = [sys.executable, *train, *SMALL, "DATASETS.TEST", "()", "MODEL.WEIGHTS",
-                                     str(d / "absent.pth"), "OUTPUT_DIR", str(d / "w")]
-    jobs["train_bad_config_value"] = [sys.executable, *train, *evaluate, "MODEL.YOLACT.NMS_TYPE", "bogus",
-                                      "OUTPUT_DIR", str(d / "c")]
-    jobs["train_unknown_test_dataset"] = [sys.executable, *train, *SMALL, "DATASETS.TEST", "('no_such_set',)",
-                                          "MODEL.WEIGHTS", "", "OUTPUT_DIR", str(d / "u")]
-    jobs["demo_bad_config_value"] = [sys.executable, str(REPO / "demo/demo.py"), *demo_args, "MODEL.YOLACT.NMS_TYPE",
-                                     "bogus"]
+    bugs = {f"train_{e}": (train[0], e, [*train[1:], *evaluate, "OUTPUT_DIR", str(d / e)]) for e in INTERNAL}
+    bugs["demo_ValueError"] = (str(REPO / "demo/demo.py"), "ValueError", demo_args)
+    mistakes = {
+        "train_missing_weights": (train[0], [*train[1:], *SMALL, "DATASETS.TEST", "()", "MODEL.WEIGHTS",
+                                             str(d / "absent.pth"), "OUTPUT_DIR", str(d / "w")]),
+        "train_bad_config_value": (train[0], [*train[1:], *evaluate, "MODEL.YOLACT.NMS_TYPE", "bogus",
+                                              "OUTPUT_DIR", str(d / "c")]),
+        "train_unknown_test_dataset": (train[0], [*train[1:], *SMALL, "DATASETS.TEST", "('no_such_set',)",
+                                                  "MODEL.WEIGHTS", "", "OUTPUT_DIR", str(d / "u")]),
+        "demo_bad_config_value": (str(REPO / "demo/demo.py"), [*demo_args, "MODEL.YOLACT.NMS_TYPE", "bogus"]),
+    }
+    jobs = {name: _with_bug(*bugs[name]) if name in bugs else [sys.executable, mistakes[name][0], *mistakes[name][1]]
+            for name in SUBPROCESS}
 
     def run(cmd):
         return subprocess.run(cmd, capture_output=True, text=True, cwd=d, timeout=600)
 
-    with ThreadPoolExecutor(max_workers=2) as pool:
+    results = {}
+    with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
         futures = {name: pool.submit(run, cmd) for name, cmd in jobs.items()}
-        return {name: f.result() for name, f in futures.items()}
+        # Meanwhile the rest, one at a time in this process.
+        import yolact_d2.protonet
+
+        def raising(error):
+            def deep_internal_bug(self, *args, **kwargs):
+                raise error("simulated internal bug")
+            return deep_internal_bug
+
+        for name, (script, error, argv) in bugs.items():
+            if name not in SUBPROCESS:
+                with pytest.MonkeyPatch.context() as mp:
+                    mp.setattr(yolact_d2.protonet.ProtoNet, "__init__", raising(getattr(builtins, error)))
+                    results[name] = run_script_in_process(script, argv, cwd=d)
+        for name, (script, argv) in mistakes.items():
+            if name not in SUBPROCESS:
+                results[name] = run_script_in_process(script, argv, cwd=d)
+        results.update({name: f.result() for name, f in futures.items()})
+    return results
 
 
 @pytest.mark.parametrize("name", [f"train_{e}" for e in INTERNAL] + ["demo_ValueError"])
@@ -107,38 +134,6 @@ def test_user_mistake_is_one_line(runs, name, expected):
         assert len(proc.stderr.strip().splitlines()) == 1
 
 
-def _run_script_in_process(script, argv):
-    """``python script *argv`` inside this process (the imports are paid once for all scripts):
-    returns (exit status, stderr). Logging handlers and levels, warning filters, sys.path and
-    sys.argv are restored afterwards, as the scripts set them up for a process of their own."""
-    import contextlib
-    import io
-    import logging
-    import runpy
-    import warnings
-
-    loggers = [logging.getLogger()] + [logging.getLogger(n) for n in list(logging.root.manager.loggerDict)]
-    saved = [(lg, list(lg.handlers), lg.level, lg.propagate) for lg in loggers]
-    path, argv0 = list(sys.path), list(sys.argv)
-    stderr, status = io.StringIO(), 0
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
-            sys.path[:0] = [str(REPO), str(Path(script).parent)]
-            sys.argv = [str(script), *argv]
-            try:
-                runpy.run_path(str(script), run_name="__main__")
-            except SystemExit as e:
-                status = e.code if isinstance(e.code, int) else (print(e.code, file=sys.stderr) or 1)
-    finally:
-        logging.captureWarnings(False)
-        for lg, handlers, level, propagate in saved:
-            lg.handlers[:] = handlers
-            lg.setLevel(level)
-            lg.propagate = propagate
-        sys.path[:], sys.argv = path, argv0
-    return status, stderr.getvalue()
-
-
 def test_unknown_config_key_is_one_line_in_every_entry_point(tmp_path):
     """Every entry point loads its config through yolact_d2.config.load_config: an unknown key in
     the options ends with one line naming it, a non-zero status and no traceback (export_model.py
@@ -164,7 +159,8 @@ def test_unknown_config_key_is_one_line_in_every_entry_point(tmp_path):
         "tools/fit_priors.py": ["--config-file", small, *bad],
     }
     for script, argv in runs.items():
-        status, stderr = _run_script_in_process(REPO / script, argv)
+        proc = run_script_in_process(REPO / script, argv)
+        status, stderr = proc.returncode, proc.stderr
         lines = stderr.strip().splitlines()
         assert status != 0 and "Traceback" not in stderr, (script, stderr[-1500:])
         assert lines and "error" in lines[-1] and "MODEL.NO_SUCH_KEY" in lines[-1], (script, stderr[-1500:])
