@@ -1,7 +1,8 @@
-"""Tests of ``demo/demo.py`` (run as a subprocess) and of :class:`yolact_d2.predictor.YolactPredictor`.
+"""Tests of ``demo/demo.py`` and of :class:`yolact_d2.predictor.YolactPredictor`.
 
-Every demo run that gets past the file checks pays ~5 s of imports, so all runs are started
-together, a few at a time, by one module-scoped fixture; each test then checks one run's result.
+A new interpreter pays ~5 s of imports, so one module-scoped fixture runs every demo case once:
+one bad-input case as a real subprocess (what reaches the real stderr), the others as scripts in
+this process (tests/helpers.py: run_script_in_process); each test then checks one run's result.
 Runs use a 160 px network input, random weights and at most 5 detections per image, except the one
 with the reference checkpoint (skipped without ../shared). Torch runs single-threaded here: on a
 busy 2-core machine its thread pool slows inference down several times.
@@ -22,6 +23,7 @@ from PIL import Image
 from detectron2.config import get_cfg
 
 from conftest import REFERENCE as SHARED_REFERENCE
+from helpers import run_script_in_process
 from yolact_d2 import add_yolact_config
 from yolact_d2.checkpoint import CheckpointLayoutError
 from yolact_d2.predictor import YolactPredictor
@@ -91,9 +93,15 @@ def _bad_cases(f: dict, d: Path) -> dict:
     }
 
 
+# The one bad-input case run in a new interpreter: it gets past the slow imports and the model
+# build, so a warning printed at import time would show on its stderr (the demo sends them to
+# stdout). The rest run in this process (tests/helpers.py: run_script_in_process).
+SUBPROCESS = "wrong_layout_checkpoint"
+
+
 @pytest.fixture(scope="module")
 def demo_runs(tmp_path_factory):
-    """Run every demo case (3 at a time); returns (files, dir, bad cases, {name: CompletedProcess})."""
+    """Run every demo case; returns (files, dir, bad cases, {name: CompletedProcess})."""
     d = tmp_path_factory.mktemp("demo")
     f = _make_files(d)
     bad = _bad_cases(f, d)
@@ -107,16 +115,20 @@ def demo_runs(tmp_path_factory):
                              "--opts", *FAST_OPTS, "MODEL.WEIGHTS", str(REFERENCE)]
 
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-
-    def run(args):
-        # cwd outside the repo: the default config must resolve from anywhere.
-        return subprocess.run(
-            [sys.executable, str(DEMO), *args], cwd=d, env=env, capture_output=True, text=True, timeout=300
+    # cwd outside the repo: the default config must resolve from anywhere.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        subprocess_run = pool.submit(
+            subprocess.run, [sys.executable, str(DEMO), *jobs[SUBPROCESS]], cwd=d, env=env, capture_output=True,
+            text=True, timeout=300,
         )
-
-    with ThreadPoolExecutor(max_workers=3) as pool:
-        futures = {name: pool.submit(run, args) for name, args in jobs.items()}
-        results = {name: fut.result() for name, fut in futures.items()}
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            results = {name: run_script_in_process(DEMO, args, cwd=d) for name, args in jobs.items()
+                       if name != SUBPROCESS}
+        finally:
+            torch.set_num_threads(threads)
+        results[SUBPROCESS] = subprocess_run.result()
     return f, d, bad, results
 
 
