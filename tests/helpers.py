@@ -28,13 +28,13 @@ def train_net(*args, env=None):
                           cwd=REPO, env=env, timeout=600)
 
 
-def train_net_in_process(*args, env=None):
+def train_net_in_process(*args, env=None, unregister=()):
     """:func:`train_net` run by :func:`run_script_in_process`: the same result without a new interpreter."""
-    return run_script_in_process(REPO / "train_net.py", args, cwd=REPO, env=env)
+    return run_script_in_process(REPO / "train_net.py", args, cwd=REPO, env=env, unregister=unregister)
 
 
 # ----------------------------------------------------------------------------- scripts in this process
-def run_script_in_process(script, argv, cwd=None, env=None):
+def run_script_in_process(script, argv, cwd=None, env=None, unregister=()):
     """``python script *argv`` inside this process, so the ~5 s of torch/detectron2 imports are paid
     once for all runs. Returns a ``subprocess.CompletedProcess`` as ``subprocess.run`` would (text
     stdout and stderr): exit status 0 on a normal end, the ``SystemExit`` code (its message printed
@@ -42,11 +42,14 @@ def run_script_in_process(script, argv, cwd=None, env=None):
     any other exception, printed to stderr as the interpreter prints it.
 
     The scripts set things up for a process of their own; restored afterwards: logging handlers,
-    levels and ``propagate`` (loggers created by the run lose their handlers), detectron2's
-    ``setup_logger`` cache (else a later run's logger gets no handler), warnings capture and
+    levels and ``propagate`` (loggers created by the run lose their handlers; the log files it
+    opened are closed), detectron2's ``setup_logger`` and log-file caches (else a later run's
+    logger gets no handler), warnings capture and
     filters, DatasetCatalog/MetadataCatalog entries and the metadata fields the run set, os.environ
     (``env`` entries are set for the run), the working directory (``cwd``), sys.path, sys.argv,
-    the torch/numpy/random RNG states and torch's thread count.
+    the torch/numpy/random RNG states and torch's thread count. ``unregister``: dataset names taken
+    out of both catalogs for the run, so that the script registers them afresh (e.g. the built-in
+    sets under another data root than the one an earlier test registered them with).
 
     What this cannot show, kept for real subprocesses: output written to the real stderr before
     the script's logging is set up (import-time warnings), and the interpreter's own exit path.
@@ -76,6 +79,9 @@ def run_script_in_process(script, argv, cwd=None, env=None):
     try:
         with warnings.catch_warnings(), contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(stdout):
             os.environ.update(env or {})
+            for name in unregister:
+                DatasetCatalog.data.pop(name, None)
+                MetadataCatalog.data.pop(name, None)
             if cwd is not None:
                 os.chdir(cwd)
             sys.path[:0] = [str(REPO), str(Path(script).parent)]  # as `python script` would
@@ -94,10 +100,15 @@ def run_script_in_process(script, argv, cwd=None, env=None):
     finally:
         logging.captureWarnings(False)
         d2_logger.setup_logger.cache_clear()
-        known = {id(lg) for lg, *_ in saved_loggers}
-        for lg in list(manager.loggerDict.values()):
-            if isinstance(lg, logging.Logger) and id(lg) not in known:
+        before = {id(lg): {id(h) for h in handlers} for lg, handlers, *_ in saved_loggers}
+        for lg in [logging.getLogger()] + list(manager.loggerDict.values()):
+            for h in getattr(lg, "handlers", []):
+                stream = getattr(h, "stream", None)
+                if id(h) not in before.get(id(lg), ()) and not str(getattr(stream, "name", "<")).startswith("<"):
+                    stream.close()  # a log file (OUTPUT_DIR/log.txt) the run opened
+            if isinstance(lg, logging.Logger) and id(lg) not in before:
                 lg.handlers[:] = []
+        d2_logger._cached_log_stream.cache_clear()  # else a later run would get the closed file
         for lg, handlers, level, propagate, disabled in saved_loggers:
             lg.handlers[:] = handlers
             lg.setLevel(level)

@@ -6,7 +6,10 @@ import pytest
 import torch
 
 from conftest import DATA, REPO, need
-from helpers import CONFIG, TINY, train_net
+from helpers import CONFIG, TINY
+# train_net.py in this process (~5 s of imports less per run); its real subprocesses (one user
+# mistake, one internal error) are in test_errors.py.
+from helpers import train_net_in_process as train_net
 
 def iterations(out_dir):
     lines = (out_dir / "metrics.json").read_text().splitlines()
@@ -76,8 +79,9 @@ def test_bad_data_errors_name_the_problem(tmp_path):
     root = tmp_path / "data"
     (root / "pennfudan" / "images").mkdir(parents=True)
     (root / "pennfudan" / "train.json").write_text(json.dumps(src))
-    env = {**__import__("os").environ, "YOLACT_D2_DATA": str(root)}
-    missing = train_net("--config-file", CONFIG, *TINY, "OUTPUT_DIR", str(tmp_path / "b"), env=env)
+    env = {"YOLACT_D2_DATA": str(root)}
+    missing = train_net("--config-file", CONFIG, *TINY, "OUTPUT_DIR", str(tmp_path / "b"), env=env,
+                        unregister=("pennfudan_train", "pennfudan_val"))  # registered again under root
     assert missing.returncode != 0 and "Traceback" not in missing.stderr
     assert "FudanPed00001.jpg" in missing.stderr.strip().splitlines()[-1]
 
