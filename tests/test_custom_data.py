@@ -2,14 +2,15 @@
 --val-images, the class checks before training, and the demo finding the class names again."""
 import importlib.util
 import json
-import subprocess
-import sys
 
 import pytest
 import yaml
 
 from conftest import DATA, REPO, need
-from helpers import CONFIG, train_net
+from helpers import CONFIG, run_script_in_process
+# train_net.py and the demo in this process (~5 s of imports less per run); their real subprocesses
+# (one user mistake, one internal error each) are in test_errors.py and test_demo.py.
+from helpers import train_net_in_process as train_net
 
 # A small, fast model on the small-data base config (R-50 at 550 there). 64 FPN channels: with 32,
 # GroupNorm(32) would see one value per group on the 1x1 P7 of a 128 px input at batch 1.
@@ -46,10 +47,10 @@ def test_train_evaluate_and_demo_on_a_coco_json_outside_the_repo(tmp_path):
 
     # The demo, given the saved config and the weights only, draws with the dataset's names.
     photo = root / "images" / json.loads((root / "val.json").read_text())["images"][0]["file_name"]
-    demo = subprocess.run(
-        [sys.executable, str(REPO / "demo/demo.py"), "--config-file", str(out / "config.yaml"), "--input", str(photo),
-         "--output", str(tmp_path / "demo"), "--opts", "MODEL.WEIGHTS", str(out / "model_final.pth")],
-        capture_output=True, text=True, cwd=REPO, timeout=300,
+    demo = run_script_in_process(
+        REPO / "demo/demo.py", ["--config-file", str(out / "config.yaml"), "--input", str(photo),
+                                "--output", str(tmp_path / "demo"), "--opts", "MODEL.WEIGHTS", str(out / "model_final.pth")],
+        cwd=REPO,
     )
     assert demo.returncode == 0, demo.stderr[-2000:]
     assert (tmp_path / "demo" / photo.name).is_file()
