@@ -4,14 +4,12 @@ device without a GPU falls back to the CPU with one warning line; an explicit ``
 (this CI's); detectron2's default MODEL.DEVICE is "cuda"."""
 import contextlib
 import logging
-import subprocess
-import sys
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 
 from conftest import REPO
+from helpers import run_script_in_process
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="simulates a machine without a CUDA GPU")
 
@@ -70,7 +68,9 @@ def test_predictor_falls_back_or_fails_as_asked():
 
 
 def _run(args):
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=REPO, timeout=600)
+    # In this process (~5 s of imports less per run); the entry points' real subprocesses are in
+    # test_errors.py and test_demo.py.
+    return run_script_in_process(args[0], args[1:], cwd=REPO)
 
 
 @pytest.fixture(scope="module")
@@ -92,9 +92,7 @@ def entry_point_runs(tmp_path_factory):
         "demo_configured": [*demo, "--output", str(d / "out.jpg"), "--opts", *SMALL, "MODEL.DEVICE", "cuda"],
         "demo_explicit": [*demo, "--output", str(d / "out2.jpg"), "--device", "cuda", "--opts", *SMALL],
     }
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        futures = {name: pool.submit(_run, args) for name, args in jobs.items()}
-        return d, {name: f.result() for name, f in futures.items()}
+    return d, {name: _run(args) for name, args in jobs.items()}
 
 
 @pytest.mark.parametrize("tool", ["train", "demo"])
