@@ -15,7 +15,7 @@ from detectron2.data.detection_utils import read_image
 from conftest import yolact_cfg
 from yolact_d2.data import YolactDatasetMapper
 from yolact_d2.data.dataset_check import ImageCheckCache, check_dataset, check_datasets, inspect_image
-from yolact_d2.errors import DatasetError
+from yolact_d2.errors import DatasetError, MissingFileError
 
 SQUARE = [[10.0, 10.0, 50.0, 10.0, 50.0, 40.0, 10.0, 40.0]]
 
@@ -157,3 +157,13 @@ def test_mapper_gives_none_for_an_unreadable_image_and_map_dataset_retries(tmp_p
     assert item["file_name"] == str(good)
     with pytest.raises(OSError):  # evaluation never skips an image
         YolactDatasetMapper(yolact_cfg(), is_train=False)(_dict(cut))
+
+
+def test_a_test_set_whose_json_is_missing_stops_before_training(tmp_path):
+    name = "check_missing_json"
+    if name in DatasetCatalog.list():
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    register_coco_instances(name, {}, str(tmp_path / "absent.json"), str(tmp_path))
+    with pytest.raises(MissingFileError, match=r"^dataset check_missing_json \(DATASETS.TEST\): annotation file .*absent"):
+        check_datasets(_cfg(tmp_path), [name], "TEST", load=None)

@@ -86,6 +86,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-file", default=str(DEFAULT_CONFIG))
     parser.add_argument("--pennfudan-photos", type=int, default=5, help="Penn-Fudan train photos added, if present")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from OUTPUT_DIR's last checkpoint (detectron2's resume: same schedule)")
     parser.add_argument("--picture-threshold", type=float, default=PICTURE_THRESHOLD,
                         help="score from which predictions are drawn in the pictures (default %(default)s)")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, KEY VALUE ...")
@@ -117,7 +119,7 @@ def main(argv=None):
     start = time.perf_counter()
     check_datasets(cfg, cfg.DATASETS.TEST, "TEST", load=None)  # the TRAIN set is checked by the trainer
     trainer = Trainer(cfg)
-    trainer.resume_or_load(resume=False)
+    trainer.resume_or_load(resume=args.resume)
     trainer.train()
     train_s = time.perf_counter() - start
     results = Trainer.test(cfg, trainer.model)
