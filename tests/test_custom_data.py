@@ -29,6 +29,8 @@ def _load(path):
 
 
 def test_train_evaluate_and_demo_on_a_coco_json_outside_the_repo(tmp_path):
+    """train_net.py trains and evaluates on COCO JSON files given by flags (NUM_CLASSES and mask format set
+    from them), and the demo finds the class names again from the saved config and weights."""
     root = need(DATA / "pennfudan")
     out = tmp_path / "run"
     run = train_net(
@@ -61,6 +63,8 @@ def test_train_evaluate_and_demo_on_a_coco_json_outside_the_repo(tmp_path):
 
 
 def test_num_classes_that_does_not_fit_the_dataset_is_named(tmp_path):
+    """A NUM_CLASSES that differs from the dataset's class count ends train_net.py with one line naming both
+    and the fix."""
     need(DATA / "pennfudan")
     run = train_net("--config-file", CONFIG, "MODEL.YOLACT.NUM_CLASSES", "3", "SOLVER.MAX_ITER", "1",
                     "DATALOADER.NUM_WORKERS", "0", "OUTPUT_DIR", str(tmp_path))
@@ -71,6 +75,7 @@ def test_num_classes_that_does_not_fit_the_dataset_is_named(tmp_path):
 
 
 def test_class_id_outside_num_classes_is_named():
+    """check_dataset_classes names the image and the category id outside [0, NUM_CLASSES)."""
     from yolact_d2.data.dataset_mapper import check_dataset_classes
 
     dicts = [{"file_name": "a.jpg", "annotations": [{"category_id": 0}]},
@@ -83,6 +88,8 @@ def test_class_id_outside_num_classes_is_named():
 
 
 def test_bad_coco_json_arguments_are_one_line_errors(tmp_path):
+    """A missing COCO JSON, a JSON without its image folder and a JSON without categories are named on
+    train_net.py's last stderr line."""
     need(DATA / "pennfudan")
     images = str(DATA / "pennfudan" / "images")
     missing = train_net("--config-file", CONFIG, "--train-json", str(tmp_path / "nope.json"), "--train-images", images)
@@ -104,6 +111,8 @@ def _resolve(opts):
 
 
 def test_demo_names_follow_the_model_not_coco(caplog):
+    """The class names drawn follow the model's dataset (SBD), an explicit CLASS_NAMES override, else COCO's
+    with a warning; a wrong name count is an error."""
     import logging
 
     from yolact_d2.data.datasets import SBD_CLASSES
@@ -123,6 +132,8 @@ def test_demo_names_follow_the_model_not_coco(caplog):
 
 
 def test_degenerate_instances_are_dropped_and_counted(caplog):
+    """Zero-area boxes and empty masks are dropped and counted (crowd regions kept); a dataset with no usable
+    instance is an error."""
     import logging
 
     from detectron2.structures import BoxMode
@@ -145,6 +156,7 @@ def test_degenerate_instances_are_dropped_and_counted(caplog):
 
 
 def test_a_dataset_without_usable_instances_stops_train_net(tmp_path):
+    """A dataset whose every box is degenerate ends train_net.py with one line naming it."""
     root = need(DATA / "pennfudan")
     data = json.loads((root / "train.json").read_text())
     for a in data["annotations"]:

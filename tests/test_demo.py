@@ -138,6 +138,8 @@ BAD_CASES = ["missing_image", "empty_image", "corrupt_image", "bad_video", "unkn
 
 @pytest.mark.parametrize("case", BAD_CASES)
 def test_demo_bad_input_one_line_error(demo_runs, case):
+    """Each bad input (missing/empty/corrupt image, bad video, unknown key, missing config or weights, wrong
+    checkpoint) ends the demo with status 2, exactly one stderr line naming it, and nothing drawn."""
     _, d, bad, results = demo_runs
     proc = results[case]
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
@@ -152,6 +154,7 @@ def test_demo_bad_input_one_line_error(demo_runs, case):
 
 @pytest.mark.parametrize("name", ["gray", "rgba", "tiny"])
 def test_demo_draws_gray_rgba_and_1x1_images(demo_runs, name):
+    """The demo draws gray, RGBA and 1x1 images, each written at its input's size."""
     f, d, _, results = demo_runs
     proc = results["images"]
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -163,6 +166,7 @@ def test_demo_draws_gray_rgba_and_1x1_images(demo_runs, name):
 
 
 def test_demo_video(demo_runs):
+    """The demo writes a video with every frame of the input at its size."""
     _, d, _, results = demo_runs
     proc = results["video"]
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -179,6 +183,7 @@ def test_demo_video(demo_runs):
 
 @pytest.mark.skipif(not REFERENCE.is_file(), reason="../shared/reference is not available")
 def test_demo_reference_checkpoint_draws_masks(demo_runs):
+    """With the reference checkpoint the demo draws masks that change over 5% of the photo's pixels."""
     f, d, _, results = demo_runs
     proc = results["reference"]
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -210,6 +215,8 @@ def _cfg(weights="", input_size=128):
 @pytest.mark.skipif(not REFERENCE.is_file(), reason="../shared/reference is not available")
 def test_predict_batch_matches_single_calls():
     # Reference weights: random ones saturate every score at 1.0, which would prove nothing.
+    """YolactPredictor.predict_batch gives the same detections as one call per image (reference weights, two
+    sizes)."""
     predictor = YolactPredictor(_cfg(str(REFERENCE)))
     photo = _photo()[:, :, ::-1]
     images = [np.ascontiguousarray(photo), np.ascontiguousarray(cv2.resize(photo, (90, 140))[::-1])]
@@ -225,6 +232,8 @@ def test_predict_batch_matches_single_calls():
 
 
 def test_predictor_accepts_gray_rgba_and_1x1_images():
+    """YolactPredictor takes gray, HxWx1, BGRA and 1x1 images (masks at the image size, alpha dropped) and
+    rejects float or 2-channel input."""
     torch.manual_seed(0)
     predictor = YolactPredictor(_cfg(input_size=64))  # shapes only: the smallest useful input
     photo = np.ascontiguousarray(_photo(40, 30)[:, :, ::-1])
@@ -246,6 +255,8 @@ def test_predictor_accepts_gray_rgba_and_1x1_images():
 
 
 def test_predictor_rejects_checkpoints_of_another_layout(tmp_path):
+    """YolactPredictor names a checkpoint of another layout (foreign keys, torchvision R-18, backbone only)
+    and a missing weights file."""
     foo = tmp_path / "foo.pth"
     torch.save({"foo": torch.zeros(3)}, foo)
     with pytest.raises(CheckpointLayoutError) as info:

@@ -34,6 +34,8 @@ def yolact_log():
 
 
 def test_resolve_device():
+    """resolve_device falls back from a configured CUDA device to the CPU with one warning and fails on an
+    explicit one with one line."""
     from yolact_d2.device import resolve_device
     from yolact_d2.errors import DeviceUnavailableError, YolactUserError
 
@@ -48,6 +50,8 @@ def test_resolve_device():
 
 
 def test_predictor_falls_back_or_fails_as_asked():
+    """YolactPredictor falls back to the CPU with one warning for a configured CUDA device and fails for
+    device='cuda'."""
     from detectron2.config import get_cfg
 
     from yolact_d2 import YolactPredictor, add_yolact_config
@@ -97,6 +101,8 @@ def entry_point_runs(tmp_path_factory):
 
 @pytest.mark.parametrize("tool", ["train", "demo"])
 def test_configured_cuda_falls_back_with_one_warning(entry_point_runs, tool):
+    """train_net.py and the demo with MODEL.DEVICE cuda on a machine without a GPU run on the CPU after
+    exactly one warning."""
     d, runs = entry_point_runs
     proc = runs[f"{tool}_configured"]
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -107,6 +113,8 @@ def test_configured_cuda_falls_back_with_one_warning(entry_point_runs, tool):
 
 @pytest.mark.parametrize("tool", ["train", "demo"])
 def test_explicit_cuda_fails_with_one_line(entry_point_runs, tool):
+    """train_net.py and the demo with --device cuda on a machine without a GPU end with one line naming the
+    fix."""
     _, runs = entry_point_runs
     proc = runs[f"{tool}_explicit"]
     assert proc.returncode != 0 and "Traceback" not in proc.stderr

@@ -23,6 +23,8 @@ INTERNAL = ["ValueError", "KeyError", "RuntimeError"]
 
 
 def test_error_types_keep_their_builtin_bases():
+    """Every user-error class is a YolactUserError and keeps its builtin base (ValueError, FileNotFoundError,
+    RuntimeError), so older except clauses still catch it."""
     from yolact_d2.checkpoint import CheckpointLayoutError
     from yolact_d2.compare import CompareError
     from yolact_d2.errors import ConfigError, DatasetError, DeviceUnavailableError, MissingFileError, YolactUserError
@@ -110,6 +112,9 @@ def runs(tmp_path_factory):
 
 @pytest.mark.parametrize("name", [f"train_{e}" for e in INTERNAL] + ["demo_ValueError"])
 def test_internal_error_keeps_its_traceback(runs, name):
+    """A plain ValueError/KeyError/RuntimeError raised deep in the model build ends train_net.py and the demo
+    with its full traceback, not a one-line message (train ValueError and demo ValueError in a real
+    interpreter)."""
     proc = runs[name]
     error = name.split("_")[1]
     assert proc.returncode != 0
@@ -126,6 +131,8 @@ def test_internal_error_keeps_its_traceback(runs, name):
     ("train_unknown_test_dataset", "dataset 'no_such_set' (DATASETS.TEST) is not registered"),
 ])
 def test_user_mistake_is_one_line(runs, name, expected):
+    """Missing weights, a bad config value or an unknown test set end train_net.py / the demo with an 'error:
+    ...' line naming it, no traceback (train missing weights in a real interpreter)."""
     proc = runs[name]
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]

@@ -17,6 +17,8 @@ def iterations(out_dir):
 
 
 def test_resume_continues_the_same_schedule(tmp_path):
+    """train_net.py --resume continues from the last checkpoint: iteration count, appended metrics.json and
+    the step LR schedule go on."""
     need(DATA / "pennfudan")
     common = ["--config-file", CONFIG, *TINY, "OUTPUT_DIR", str(tmp_path), "SOLVER.CHECKPOINT_PERIOD", "2",
               "SOLVER.STEPS", "(3,)", "SOLVER.WARMUP_ITERS", "0", "SOLVER.MAX_ITER"]
@@ -38,6 +40,7 @@ def test_resume_continues_the_same_schedule(tmp_path):
 
 
 def test_nan_loss_stops_training_naming_the_iteration(tmp_path):
+    """A NaN loss stops training with a FloatingPointError naming the iteration."""
     need(DATA / "pennfudan")
     sys.path.insert(0, str(REPO))
     from train_net import Trainer
@@ -66,6 +69,8 @@ def test_nan_loss_stops_training_naming_the_iteration(tmp_path):
 
 
 def test_bad_data_errors_name_the_problem(tmp_path):
+    """train_net.py names an unregistered dataset, an unknown config key, an image missing on disk and a mask
+    format that cannot hold the masks on its last stderr line (no traceback for the first three)."""
     unknown = train_net("--config-file", CONFIG, *TINY, "DATASETS.TRAIN", "('no_such_dataset',)",
                         "OUTPUT_DIR", str(tmp_path / "a"))
     assert unknown.returncode != 0 and "Traceback" not in unknown.stderr
