@@ -568,6 +568,7 @@ def test_benchmark_times_the_exported_graph_beside_eager(exported_files, fmt, in
     data = json.loads(out.read_text())
     eager, exported = data["models"][0], data["models"][1]
     assert exported["runtime"] == "onnxruntime" and exported["exported_file"] == str(exported_files["e2e"])
+    assert exported["precision"] == data["exported"][0]["precision"] == "f32"  # recorded with every runtime
     assert exported["matches_eager"]["eager_detections"] == 100
     assert exported["matches_eager"]["matched"] >= 99
     assert exported["detections_per_image"]["per_image"] == eager["detections_per_image"]["per_image"]

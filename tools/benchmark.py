@@ -300,7 +300,8 @@ def main(argv=None) -> Dict:
             speedup = reports[0]["end_to_end"]["median_ms"] / r["end_to_end"]["median_ms"]
             paired = bm.paired_ratio(reports[0]["end_to_end"]["samples_ms"], r["end_to_end"]["samples_ms"])
             m = r["matches_eager"]
-            exported.append({"label": r["label"], "runtime": r["runtime"], "file": r["exported_file"],
+            exported.append({"label": r["label"], "runtime": r["runtime"], "precision": r["precision"],
+                             "file": r["exported_file"],
                              "speedup_over_eager": speedup, "paired_speedup_median": paired,
                              "matched_share": m["matched"] / m["eager_detections"] if m["eager_detections"] else None,
                              "sentence": f"{r['label']} is {speedup:.2f}x as fast as PyTorch eager end to end "
