@@ -170,3 +170,28 @@ def test_entry_points_print_no_future_warning():
         text = proc.communicate(timeout=120)[0]
         assert proc.returncode == 0, text[-2000:]
         assert "usage:" in text and "FutureWarning" not in text and "Warning" not in text, (args, text[-2000:])
+
+
+def test_a_stored_input_format_replaces_the_configs_with_one_warning(caplog):
+    import logging
+
+    from conftest import yolact_cfg
+    from yolact_d2.checkpoint import adopt_input_format, checkpoint_metadata
+
+    cfg = yolact_cfg()  # RGB, torchvision's mean / std in RGB order
+    cfg.freeze()
+    model = torch.nn.Module()
+    model.register_buffer("pixel_mean", torch.tensor(cfg.MODEL.PIXEL_MEAN).view(-1, 1, 1), False)
+    model.register_buffer("pixel_std", torch.tensor(cfg.MODEL.PIXEL_STD).view(-1, 1, 1), False)
+    bgr = {"yolact_d2_metadata": {"class_names": NAMES, "input_format": "BGR", "pixel_mean": [103.5, 116.3, 123.7],
+                                  "pixel_std": [57.4, 57.1, 58.4]}}
+    meta = checkpoint_metadata(bgr)
+    assert meta["class_names"] == NAMES
+    assert adopt_input_format(cfg, model, checkpoint_metadata({}), "old.pth") is cfg  # nothing stored: unchanged
+    with caplog.at_level(logging.WARNING, logger="yolact_d2.checkpoint"):
+        adopted = adopt_input_format(cfg, model, meta, "m.pth")
+    assert adopted.INPUT.FORMAT == "BGR" and cfg.INPUT.FORMAT == "RGB"
+    assert model.pixel_mean.flatten().tolist() == pytest.approx([103.5, 116.3, 123.7])
+    assert len(caplog.records) == 1 and caplog.records[0].getMessage().startswith("m.pth was trained with INPUT.FORMAT BGR")
+    # A malformed entry is ignored rather than trusted.
+    assert checkpoint_metadata({"yolact_d2_metadata": {"class_names": [1, 2], "input_format": "YUV"}}) == {}
