@@ -99,7 +99,8 @@ def main(argv=None):
     if cfg.MODEL.YOLACT.NUM_CLASSES != len(CLASSES):
         sys.exit(f"error: MODEL.YOLACT.NUM_CLASSES must be {len(CLASSES)} ({', '.join(CLASSES)}) for the main job")
     # MODEL.YOLACT.FIT_PRIORS: fitted to the main job's photos before default_setup writes config.yaml.
-    fit_priors_at_setup(cfg, dataset_dicts=lambda: photo_dicts(Path(cfg.OUTPUT_DIR) / "photos", args.pennfudan_photos))
+    fit_priors_at_setup(cfg, resume=args.resume,
+                        dataset_dicts=lambda: photo_dicts(Path(cfg.OUTPUT_DIR) / "photos", args.pennfudan_photos))
     cfg.freeze()
     default_setup(cfg, argparse.Namespace(config_file=args.config_file, opts=args.opts, eval_only=False))
     torch.set_num_threads(max(1, os.cpu_count() or 1))
