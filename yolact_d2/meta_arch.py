@@ -180,8 +180,6 @@ class YOLACT(nn.Module):
             raise ConfigError(
                 f"MODEL.YOLACT.ANCHOR_SCALES has {len(y.ANCHOR_SCALES)} levels, IN_FEATURES {len(in_features)}"
             )
-        if y.CLASS_LOSS not in ("ohem", "sigmoid_focal"):  # before any weight is drawn
-            raise ConfigError(f"MODEL.YOLACT.CLASS_LOSS is {y.CLASS_LOSS!r}; use 'ohem' or 'sigmoid_focal'")
         head = YolactHead(
             shapes[in_features[0]].channels, prior_generator.num_priors_per_location, y.NUM_CLASSES,
             y.NUM_PROTOTYPES, norm=y.HEAD_NORM,
