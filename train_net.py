@@ -25,7 +25,6 @@ logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 import torch  # noqa: E402
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_train_loader, get_detection_dataset_dicts
 from detectron2.data.build import filter_images_with_only_crowd_annotations
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
@@ -35,9 +34,7 @@ from detectron2.utils.logger import setup_logger
 
 from yolact_d2.config import load_config
 from yolact_d2.data import YolactDatasetMapper
-from yolact_d2.checkpoint import (
-    CHECKPOINT_METADATA_KEY, TrainingMetadata, adopt_input_format, check_checkpoint_classes, checkpoint_metadata,
-)
+from yolact_d2.checkpoint import CHECKPOINT_METADATA_KEY, TrainingMetadata, load_for_evaluation
 from yolact_d2.data.custom import apply_coco_json_datasets
 from yolact_d2.data.dataset_check import check_datasets
 from yolact_d2.data.dataset_mapper import check_annotations, check_dataset_classes, drop_degenerate_annotations
@@ -176,11 +173,8 @@ def main(args):
             model = ExportedPredictor(path, threads=torch.get_num_threads(), runtime=runtime)
         elif args.eval_only:
             model = Trainer.build_model(cfg)
-            checkpointer = DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
-            # The names and input format training stored in the weights (none in older files).
-            meta = checkpoint_metadata(checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume))
-            cfg = adopt_input_format(cfg, model, meta, cfg.MODEL.WEIGHTS or "the checkpoint")
-            check_checkpoint_classes(meta, cfg.DATASETS.TEST, cfg.MODEL.WEIGHTS or "the checkpoint")
+            # With the names and input format training stored in the weights (none in older files).
+            cfg = load_for_evaluation(model, cfg, cfg.MODEL.WEIGHTS, cfg.OUTPUT_DIR, args.resume)
         else:
             trainer = Trainer(cfg)  # builds the model, the optimizer and the data loader
             trainer.resume_or_load(resume=args.resume)

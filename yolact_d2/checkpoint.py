@@ -17,6 +17,7 @@ from .errors import YolactUserError
 
 __all__ = [
     "CheckpointLayoutError",
+    "load_for_evaluation",
     "detect_layout",
     "convert_original_state_dict",
     "convert_torchvision_resnet_state_dict",
@@ -356,3 +357,25 @@ def check_checkpoint_classes(meta: Dict, dataset_names, source: str) -> None:
         elif list(names) != list(stored):
             logger.warning(f"dataset {name} names its classes {_short(names)}, {source} {_short(stored)}; "
                            "evaluating by class index")
+
+
+def load_for_evaluation(model, cfg, weights: str, save_dir: str = "", resume: bool = False):
+    """Load ``weights`` into ``model`` for evaluation on ``cfg.DATASETS.TEST``, as
+    ``train_net.py --eval-only`` does: detectron2's ``DetectionCheckpointer.resume_or_load`` (with
+    ``resume`` the last checkpoint of ``save_dir`` wins), then the names and input format stored in
+    the checkpoint (:func:`checkpoint_metadata`, :func:`adopt_input_format`,
+    :func:`check_checkpoint_classes`).
+
+    Returns:
+        ``cfg``, or a copy with the checkpoint's input format and normalisation.
+    Raises:
+        What loading raises (CheckpointLayoutError, ...); DatasetError: a TEST set of another class
+            count than the checkpoint's.
+    """
+    from detectron2.checkpoint import DetectionCheckpointer
+
+    source = weights or "the checkpoint"
+    meta = checkpoint_metadata(DetectionCheckpointer(model, save_dir=save_dir).resume_or_load(weights, resume=resume))
+    cfg = adopt_input_format(cfg, model, meta, source)
+    check_checkpoint_classes(meta, cfg.DATASETS.TEST, source)
+    return cfg

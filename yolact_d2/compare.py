@@ -143,15 +143,12 @@ def build_eval_model(cfg, weights: str):
     ``DetectionCheckpointer``; a checkpoint trained on another input format gets it (``cfg`` then a
     copy, :func:`yolact_d2.checkpoint.adopt_input_format`), one of another class count than
     ``cfg.DATASETS.TEST`` is refused (DatasetError), as in ``train_net.py --eval-only``."""
-    from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.modeling import build_model
 
-    from .checkpoint import adopt_input_format, check_checkpoint_classes, checkpoint_metadata
+    from .checkpoint import load_for_evaluation
 
     model = build_model(cfg)
-    meta = checkpoint_metadata(DetectionCheckpointer(model).load(weights))
-    cfg = adopt_input_format(cfg, model, meta, weights)
-    check_checkpoint_classes(meta, cfg.DATASETS.TEST, weights)
+    cfg = load_for_evaluation(model, cfg, weights)
     return model.eval(), cfg
 
 

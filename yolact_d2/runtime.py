@@ -77,7 +77,6 @@ def _openvino_deform_conv(node):
     of points within one pixel outside the map (their in-map neighbours still count); OpenVINO's
     default treats them as zero. Bias is a separate add: the op has none.
     """
-    import numpy as np_
     import openvino.opset8 as ops
 
     count = node.get_input_size()
@@ -91,7 +90,7 @@ def _openvino_deform_conv(node):
         bilinear_interpolation_pad=True,
     )
     if count > 3:  # bias (O,) -> (1, O, 1, 1)
-        y = ops.add(y, ops.unsqueeze(node.get_input(3), ops.constant(np_.array([0, 2, 3], np_.int64))))
+        y = ops.add(y, ops.unsqueeze(node.get_input(3), ops.constant(np.array([0, 2, 3], np.int64))))
     return y.outputs()
 
 
