@@ -137,12 +137,14 @@ def setup(args):
         cfg.MODEL.DEVICE = args.device
     cfg.MODEL.DEVICE = resolve_device(cfg.MODEL.DEVICE, explicit=bool(args.device))
     cpu_sync_batch_norm(cfg)
-    # MODEL.YOLACT.FIT_PRIORS: the fitted priors go into the config.yaml default_setup writes.
-    fit_priors_at_setup(cfg, resume=args.resume, eval_only=args.eval_only)
-    cfg.freeze()
-    default_setup(cfg, args)
     register_builtin_datasets()
     check_datasets_registered(cfg)
+    # MODEL.YOLACT.FIT_PRIORS: the fitted priors go into the config.yaml default_setup writes. Fitted
+    # to the checked dataset, so a bad one stops with the check's message, not the fit's.
+    fit_priors_at_setup(cfg, resume=args.resume, eval_only=args.eval_only,
+                        dataset_dicts=lambda: checked_dataset_dicts(cfg, cfg.DATASETS.TRAIN))
+    cfg.freeze()
+    default_setup(cfg, args)
     return cfg
 
 

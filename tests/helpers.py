@@ -16,9 +16,11 @@ import original_oracle as oracle
 from conftest import DATA, REFERENCE, REPO, need
 
 # ----------------------------------------------------------------------------- train_net.py runs
+# The tiny model of the pipeline tests. FIT_PRIORS off: the recipe's fit costs ~4 s per run on
+# Penn-Fudan; test_prior_fit.py trains, saves and reloads fitted priors.
 TINY = [
     "MODEL.YOLACT.INPUT_SIZE", "128", "MODEL.FPN.OUT_CHANNELS", "32", "SOLVER.IMS_PER_BATCH", "2",
-    "DATALOADER.NUM_WORKERS", "0", "DATASETS.TEST", "()", "MODEL.DEVICE", "cpu",
+    "DATALOADER.NUM_WORKERS", "0", "DATASETS.TEST", "()", "MODEL.DEVICE", "cpu", "MODEL.YOLACT.FIT_PRIORS", "False",
 ]
 CONFIG = str(REPO / "configs/pennfudan/yolact_R_18_FPN_320.yaml")
 

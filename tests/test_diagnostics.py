@@ -216,6 +216,12 @@ def test_small_batch_batchnorm_warns_with_the_fix(caplog):
     message = _warnings(caplog)[0].getMessage()
     assert "1 images per GPU" in message and "'FrozenBN'" in message and "'SyncBN'" in message
     assert len(_warnings(caplog)) == 1
+    # The small-data recipe measured BN at batch 4 against GN (issue 27): its configs do not warn at 4,
+    # and still do at 2 images per GPU.
+    recipe = yolact_cfg(RECIPE)
+    assert recipe.SOLVER.IMS_PER_BATCH == 4 and recipe.MODEL.RESNETS.NORM == "BN"
+    assert not warn_small_batch_norm(recipe, 1)
+    assert warn_small_batch_norm(recipe, 2)
 
 
 def test_main_job_trains_the_recipe():

@@ -148,6 +148,15 @@ def test_two_processes_with_syncbn_step_as_computed_here(tmp_path, monkeypatch):
     for k, v in state["two0_final"].items():
         assert torch.equal(v, state["two1_final"][k]), f"ranks differ in {k}"
 
+    # The recipe fits its priors at set-up (FIT_PRIORS): with two processes rank 0 fits and rank 1
+    # receives them; both runs train with the priors of one fit, which the step below uses.
+    from conftest import yolact_cfg
+
+    saved = [yolact_cfg(str(tmp_path / run_ / "config.yaml")).MODEL.YOLACT for run_ in ("one", "two")]
+    assert (saved[0].ANCHOR_SCALES, saved[0].ANCHOR_ASPECT_RATIOS) == (saved[1].ANCHOR_SCALES, saved[1].ANCHOR_ASPECT_RATIOS)
+    assert saved[0].ANCHOR_SCALES != yolact_cfg(CONFIG).MODEL.YOLACT.ANCHOR_SCALES  # fitted, not the configured
+    opts = opts + ["MODEL.YOLACT.FIT_PRIORS", "False", "MODEL.YOLACT.ANCHOR_SCALES", str(saved[0].ANCHOR_SCALES),
+                   "MODEL.YOLACT.ANCHOR_ASPECT_RATIOS", str(saved[0].ANCHOR_ASPECT_RATIOS)]
     # One process: exactly the step on the batch's loss.
     losses1, want1, _ = expected_step(opts, init, per_image=False)
     assert_close_params(state["one0_final"], want1)

@@ -149,3 +149,58 @@ def test_resume_keeps_the_first_fit(fitted_run, monkeypatch):
     fresh = yolact_cfg("configs/pennfudan/yolact_R_18_FPN_320.yaml", TINY + ["OUTPUT_DIR", str(out)])
     assert prior_fit.fit_priors_at_setup(fresh, resume=False) == "fitted"
     assert calls == [1] and fresh.MODEL.YOLACT.ANCHOR_SCALES != cfg.MODEL.YOLACT.ANCHOR_SCALES
+
+
+def test_checkpoint_carries_the_fitted_priors_to_every_loader(fitted_run, tmp_path, caplog):
+    """The run's checkpoint stores the fitted priors; the predictor and --eval-only's loader, given
+    the recipe's own config file (whose priors are only the fit's start), use the stored ones with
+    one warning. A checkpoint without them (an older file) keeps the configured priors, with one
+    warning under FIT_PRIORS naming the run's config.yaml, and without a warning when FIT_PRIORS is off."""
+    import logging
+
+    from detectron2.modeling import build_model
+
+    from conftest import yolact_cfg
+    from yolact_d2.checkpoint import CHECKPOINT_METADATA_KEY, CheckpointLayoutError, checkpoint_metadata, load_for_evaluation
+    from yolact_d2.predictor import YolactPredictor
+
+    cfg, trainer, out = fitted_run
+    weights = out / "model_final.pth"
+    stored = checkpoint_metadata(torch.load(weights, weights_only=False))["priors"]
+    assert stored == {"anchor_scales": cfg.MODEL.YOLACT.ANCHOR_SCALES,
+                      "anchor_aspect_ratios": cfg.MODEL.YOLACT.ANCHOR_ASPECT_RATIOS, "square_anchors": False}
+    sizes = [(16, 16), (8, 8), (4, 4), (2, 2), (1, 1)]
+    trained = trainer.model.prior_generator(sizes, "cpu")
+    recipe = yolact_cfg("configs/pennfudan/yolact_R_18_FPN_320.yaml", TINY + ["MODEL.WEIGHTS", str(weights)])
+    assert recipe.MODEL.YOLACT.FIT_PRIORS and recipe.MODEL.YOLACT.ANCHOR_SCALES != stored["anchor_scales"]
+
+    with caplog.at_level(logging.WARNING, logger="yolact_d2.checkpoint"):
+        predictor = YolactPredictor(recipe)
+    assert torch.equal(predictor.model.prior_generator(sizes, "cpu"), trained)
+    assert predictor.cfg.MODEL.YOLACT.ANCHOR_SCALES == stored["anchor_scales"]
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and "trained with other priors" in warned[0] and "ANCHOR_SCALES" in warned[0]
+    model = build_model(recipe)
+    evaluated = load_for_evaluation(model, recipe, str(weights))
+    assert torch.equal(model.prior_generator(sizes, "cpu"), trained)
+    assert evaluated.MODEL.YOLACT.ANCHOR_ASPECT_RATIOS == stored["anchor_aspect_ratios"]
+
+    # An older checkpoint (no priors stored): the configured priors, one warning under FIT_PRIORS.
+    state = torch.load(weights, weights_only=False)
+    del state[CHECKPOINT_METADATA_KEY]["priors"]
+    old = tmp_path / "old.pth"
+    torch.save(state, old)
+    for fit, warnings in (("True", 1), ("False", 0)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="yolact_d2.checkpoint"):
+            plain = YolactPredictor(yolact_cfg("configs/pennfudan/yolact_R_18_FPN_320.yaml",
+                                               TINY + ["MODEL.WEIGHTS", str(old), "MODEL.YOLACT.FIT_PRIORS", fit]))
+        assert plain.cfg.MODEL.YOLACT.ANCHOR_SCALES == recipe.MODEL.YOLACT.ANCHOR_SCALES
+        assert torch.equal(plain.model.prior_generator(sizes, "cpu"), build_model(recipe).prior_generator(sizes, "cpu"))
+        warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warned) == warnings and all("stores no priors" in w and "config.yaml" in w for w in warned)
+    # Priors of another count per location than the config's head: refused in one line.
+    state[CHECKPOINT_METADATA_KEY]["priors"] = dict(stored, anchor_aspect_ratios=[1.0, 0.5])
+    torch.save(state, old)
+    with pytest.raises(CheckpointLayoutError, match="priors per location"):
+        YolactPredictor(yolact_cfg("configs/pennfudan/yolact_R_18_FPN_320.yaml", TINY + ["MODEL.WEIGHTS", str(old)]))

@@ -29,7 +29,7 @@ from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 
 from yolact_d2.config import load_config  # noqa: E402
-from yolact_d2.checkpoint import adopt_input_format, checkpoint_metadata  # noqa: E402
+from yolact_d2.checkpoint import adopt_checkpoint_metadata, checkpoint_metadata  # noqa: E402
 from yolact_d2.errors import MissingFileError, run_main  # noqa: E402
 from yolact_d2.export import DEFAULT_OPSET, DEFORM_CONV_OPSET, ExportError, export_model, quantize_onnx  # noqa: E402
 from yolact_d2.predictor import check_class_names, resolve_metadata  # noqa: E402
@@ -110,8 +110,9 @@ def main(argv=None) -> int:
     name = os.path.splitext(os.path.basename(args.config_file))[0]
     check_class_names(cfg)
     model, meta = load_model(cfg)
-    # The file records the model's own input format and names: the weights' when the config names none.
-    cfg = adopt_input_format(cfg, model, meta, cfg.MODEL.WEIGHTS)
+    # The file records the model's own input format, names and priors: the weights' when the config's differ.
+    if cfg.MODEL.WEIGHTS:
+        cfg = adopt_checkpoint_metadata(cfg, model, meta, cfg.MODEL.WEIGHTS)
     names = list(resolve_metadata(cfg, meta.get("class_names")).thing_classes)[: cfg.MODEL.YOLACT.NUM_CLASSES]
     for graph in graphs:
         if args.output and (len(graphs) == 1):

@@ -28,6 +28,8 @@ __all__ = [
     "training_class_names",
     "checkpoint_metadata",
     "adopt_input_format",
+    "adopt_priors",
+    "adopt_checkpoint_metadata",
     "check_checkpoint_classes",
 ]
 
@@ -248,7 +250,9 @@ class TrainingMetadata:
     Add it to a trainer's ``DetectionCheckpointer`` with ``add_checkpointable(CHECKPOINT_METADATA_KEY,
     TrainingMetadata(cfg))``: every file that checkpointer (and ``PeriodicCheckpointer``) writes
     then holds ``{"class_names": [C names] or None, "input_format": "RGB"|"BGR", "pixel_mean": [3],
-    "pixel_std": [3]}`` (0-255 scale, ``input_format`` channel order) under that key.
+    "pixel_std": [3], "priors": {...} or None}`` (0-255 scale, ``input_format`` channel order) under
+    that key. ``priors`` (YOLACT only, :func:`training_priors`) are the ones the model trained with,
+    fitted ones included (``MODEL.YOLACT.FIT_PRIORS``): the config file alone does not hold those.
     """
 
     def __init__(self, cfg):
@@ -256,16 +260,29 @@ class TrainingMetadata:
         self.input_format = cfg.INPUT.FORMAT
         self.pixel_mean = [float(v) for v in cfg.MODEL.PIXEL_MEAN]
         self.pixel_std = [float(v) for v in cfg.MODEL.PIXEL_STD]
+        self.priors = training_priors(cfg)
 
     def state_dict(self) -> Dict:
         return {"class_names": self.class_names, "input_format": self.input_format,
-                "pixel_mean": self.pixel_mean, "pixel_std": self.pixel_std}
+                "pixel_mean": self.pixel_mean, "pixel_std": self.pixel_std, "priors": self.priors}
 
     def load_state_dict(self, state: Dict) -> None:
         # --resume: the run's own config decides; a checkpoint of other classes only warns.
         names = state.get("class_names")
         if names and self.class_names and list(names) != list(self.class_names):
             logger.warning(f"resumed checkpoint names classes {_short(names)}; this run trains {_short(self.class_names)}")
+
+
+def training_priors(cfg) -> Optional[Dict]:
+    """The priors a YOLACT model built from ``cfg`` makes: ``{"anchor_scales": [levels][scales]
+    (pixels at INPUT_SIZE), "anchor_aspect_ratios": [ratios] (width / height), "square_anchors":
+    bool}``; None for another meta-architecture."""
+    if cfg.MODEL.META_ARCHITECTURE != "YOLACT":
+        return None
+    y = cfg.MODEL.YOLACT
+    return {"anchor_scales": [[float(s) for s in level] for level in y.ANCHOR_SCALES],
+            "anchor_aspect_ratios": [float(a) for a in y.ANCHOR_ASPECT_RATIOS],
+            "square_anchors": bool(y.SQUARE_ANCHORS)}
 
 
 def _short(names, limit: int = 8) -> str:
@@ -289,6 +306,16 @@ def checkpoint_metadata(extra: Optional[Dict]) -> Dict:
         for key in ("pixel_mean", "pixel_std"):
             if isinstance(meta.get(key), (list, tuple)) and len(meta[key]) == 3:
                 out[key] = [float(v) for v in meta[key]]
+    priors = meta.get("priors")
+    if isinstance(priors, dict):
+        scales, ratios = priors.get("anchor_scales"), priors.get("anchor_aspect_ratios")
+        if (isinstance(scales, (list, tuple)) and scales and all(isinstance(lv, (list, tuple)) and lv for lv in scales)
+                and isinstance(ratios, (list, tuple)) and ratios
+                and all(isinstance(v, (int, float)) and v > 0 for v in [*ratios, *(s for lv in scales for s in lv)])
+                and isinstance(priors.get("square_anchors"), bool)):
+            out["priors"] = {"anchor_scales": [[float(s) for s in lv] for lv in scales],
+                             "anchor_aspect_ratios": [float(a) for a in ratios],
+                             "square_anchors": priors["square_anchors"]}
     return out
 
 
@@ -323,6 +350,63 @@ def adopt_input_format(cfg, model, meta: Dict, source: str):
         if isinstance(buffer, torch.Tensor):
             buffer.copy_(torch.tensor(getattr(cfg.MODEL, name.upper()), dtype=buffer.dtype).view_as(buffer))
     return cfg
+
+
+def adopt_priors(cfg, model, meta: Dict, source: str):
+    """Make ``cfg`` and ``model`` use the priors the checkpoint's model was trained with.
+
+    A model trained with ``MODEL.YOLACT.FIT_PRIORS`` learned boxes relative to priors fitted at the
+    start of training; the config file names only the starting ones. When ``meta``
+    (:func:`checkpoint_metadata`) holds priors other than ``cfg``'s, logs one warning, gives
+    ``model`` a :class:`~yolact_d2.priors.PriorGenerator` of them and returns a frozen copy of
+    ``cfg`` with them (``FIT_PRIORS`` False). Otherwise returns ``cfg`` unchanged.
+
+    A checkpoint that stores no priors (written before checkpoints stored them, a converted or
+    released one) keeps the config's; under ``FIT_PRIORS`` True one warning says so, since its
+    boxes may be relative to fitted priors that only its run's OUTPUT_DIR/config.yaml holds.
+
+    Raises:
+        CheckpointLayoutError: the stored priors are another count per location than the model's
+            (its head was built for the config's).
+    """
+    from .priors import PriorGenerator
+
+    if cfg.MODEL.META_ARCHITECTURE != "YOLACT":
+        return cfg
+    y = cfg.MODEL.YOLACT
+    stored, have = meta.get("priors"), training_priors(cfg)
+    if stored is None:
+        if y.FIT_PRIORS:  # most likely a file from before checkpoints stored priors: trained on the config's
+            logger.warning(
+                f"{source} stores no priors and the config fits them at training (MODEL.YOLACT.FIT_PRIORS True): "
+                "using the config's ANCHOR_SCALES / ANCHOR_ASPECT_RATIOS; if it was trained with fitted priors, "
+                "give its run's OUTPUT_DIR/config.yaml as --config-file")
+        return cfg
+    if stored == have:
+        return cfg
+    generator = PriorGenerator(stored["anchor_scales"], stored["anchor_aspect_ratios"], y.INPUT_SIZE,
+                               stored["square_anchors"])
+    if generator.num_priors_per_location != model.prior_generator.num_priors_per_location:
+        raise CheckpointLayoutError(
+            f"{source} was trained with {generator.num_priors_per_location} priors per location, the config makes "
+            f"{model.prior_generator.num_priors_per_location}; use the training run's OUTPUT_DIR/config.yaml")
+    changed = [(key.upper(), stored[key]) for key in stored if stored[key] != have[key]]
+    logger.warning(f"{source} was trained with other priors (fitted: MODEL.YOLACT.FIT_PRIORS): "
+                   + ", ".join(f"MODEL.YOLACT.{k} {v}" for k, v in changed) + "; using those instead of the config's")
+    model.prior_generator = generator  # holds no tensor: priors are made on the input's device
+    cfg = cfg.clone()
+    cfg.defrost()
+    y = cfg.MODEL.YOLACT
+    y.ANCHOR_SCALES, y.ANCHOR_ASPECT_RATIOS = stored["anchor_scales"], stored["anchor_aspect_ratios"]
+    y.SQUARE_ANCHORS, y.FIT_PRIORS = stored["square_anchors"], False
+    cfg.freeze()
+    return cfg
+
+
+def adopt_checkpoint_metadata(cfg, model, meta: Dict, source: str):
+    """:func:`adopt_input_format` then :func:`adopt_priors`: ``cfg`` (or a frozen copy) and ``model``
+    as the checkpoint's model was trained, for every loader (evaluation, the predictor, export)."""
+    return adopt_priors(adopt_input_format(cfg, model, meta, source), model, meta, source)
 
 
 def check_checkpoint_classes(meta: Dict, dataset_names, source: str) -> None:
@@ -363,11 +447,11 @@ def load_for_evaluation(model, cfg, weights: str, save_dir: str = "", resume: bo
     """Load ``weights`` into ``model`` for evaluation on ``cfg.DATASETS.TEST``, as
     ``train_net.py --eval-only`` does: detectron2's ``DetectionCheckpointer.resume_or_load`` (with
     ``resume`` the last checkpoint of ``save_dir`` wins), then the names and input format stored in
-    the checkpoint (:func:`checkpoint_metadata`, :func:`adopt_input_format`,
-    :func:`check_checkpoint_classes`).
+    the checkpoint (:func:`checkpoint_metadata`, :func:`adopt_checkpoint_metadata`: input format and
+    priors, :func:`check_checkpoint_classes`).
 
     Returns:
-        ``cfg``, or a copy with the checkpoint's input format and normalisation.
+        ``cfg``, or a copy with the checkpoint's input format, normalisation and priors.
     Raises:
         What loading raises (CheckpointLayoutError, ...); DatasetError: a TEST set of another class
             count than the checkpoint's.
@@ -375,7 +459,10 @@ def load_for_evaluation(model, cfg, weights: str, save_dir: str = "", resume: bo
     from detectron2.checkpoint import DetectionCheckpointer
 
     source = weights or "the checkpoint"
-    meta = checkpoint_metadata(DetectionCheckpointer(model, save_dir=save_dir).resume_or_load(weights, resume=resume))
-    cfg = adopt_input_format(cfg, model, meta, source)
+    checkpointer = DetectionCheckpointer(model, save_dir=save_dir)
+    loaded = bool(weights) or (resume and checkpointer.has_checkpoint())
+    meta = checkpoint_metadata(checkpointer.resume_or_load(weights, resume=resume))
+    if loaded:  # random weights have no priors to adopt
+        cfg = adopt_checkpoint_metadata(cfg, model, meta, source)
     check_checkpoint_classes(meta, cfg.DATASETS.TEST, source)
     return cfg

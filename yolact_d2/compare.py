@@ -141,7 +141,7 @@ def eval_config(config_file: str, opts: Sequence[str], val_json: str, val_images
 def build_eval_model(cfg, weights: str):
     """``(model in eval mode, cfg)``: detectron2's ``build_model(cfg)`` with ``weights`` loaded by
     ``DetectionCheckpointer``; a checkpoint trained on another input format gets it (``cfg`` then a
-    copy, :func:`yolact_d2.checkpoint.adopt_input_format`), one of another class count than
+    copy, :func:`yolact_d2.checkpoint.adopt_checkpoint_metadata`; so do its priors), one of another class count than
     ``cfg.DATASETS.TEST`` is refused (DatasetError), as in ``train_net.py --eval-only``."""
     from detectron2.modeling import build_model
 

@@ -135,6 +135,10 @@ def add_yolact_config(cfg):
     # Warn when this share of objects has no prior at IoU >= POS_IOU_THRESH (in training batches,
     # and over the training set before the first iteration).
     _C.MODEL.YOLACT.DIAGNOSTICS.FORCED_ONLY_WARN = 0.5
+    # Warn at start when the ResNet's trainable BatchNorm ("BN") sees fewer images per GPU than this
+    # (the original froze BN below 6). The small-data recipe sets 4: from scratch at batch 4 its BN
+    # trained better than GroupNorm at 200 iterations (docs/training.md, issue 27).
+    _C.MODEL.YOLACT.DIAGNOSTICS.MIN_BN_IMAGES = 6
 
     # Your own COCO-format dataset without Python (yolact_d2/data/custom.py; train_net.py's
     # --train-json/--train-images/--val-json/--val-images set these): the JSON and its image

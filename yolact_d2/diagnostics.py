@@ -270,12 +270,15 @@ def log_dataset_prior_coverage(cfg, dataset_dicts: List[dict], warn_share: float
     return cov
 
 
-def warn_small_batch_norm(cfg, world_size: int = 1, min_images: int = 6) -> bool:
+def warn_small_batch_norm(cfg, world_size: int = 1, min_images: Optional[int] = None) -> bool:
     """Warn (once, at start) when the ResNet's trainable BatchNorm sees fewer than ``min_images``
-    images per GPU: its batch statistics are then noisy, and the original froze BN below 6.
+    images per GPU (default ``MODEL.YOLACT.DIAGNOSTICS.MIN_BN_IMAGES``, 6): its batch statistics are
+    then noisy, and the original froze BN below 6.
 
     Returns True when it warned.
     """
+    if min_images is None:
+        min_images = cfg.MODEL.YOLACT.DIAGNOSTICS.MIN_BN_IMAGES
     per_gpu = cfg.SOLVER.IMS_PER_BATCH / max(1, world_size)
     if cfg.MODEL.RESNETS.NORM != "BN" or per_gpu >= min_images:
         return False

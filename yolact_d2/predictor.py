@@ -30,7 +30,7 @@ from detectron2.data import transforms as T
 from detectron2.modeling import build_model
 from detectron2.structures import Instances
 
-from .checkpoint import CheckpointLayoutError, adopt_input_format, checkpoint_metadata
+from .checkpoint import CheckpointLayoutError, adopt_checkpoint_metadata, checkpoint_metadata
 from .data.datasets import register_builtin_datasets
 from .device import resolve_device
 from .errors import ConfigError, MissingFileError
@@ -184,8 +184,9 @@ class YolactPredictor:
             weights are read (names stored in the checkpoint by training count when the config's
             datasets name none).
         checkpoint_metadata: what training stored in the weights (``class_names``,
-            ``input_format``, ``pixel_mean``, ``pixel_std``); ``{}`` for a file without it. A stored
-            input format or normalisation other than the config's is used instead, with a warning.
+            ``input_format``, ``pixel_mean``, ``pixel_std``, ``priors``); ``{}`` for a file without it.
+            A stored input format, normalisation or priors (fitted: ``MODEL.YOLACT.FIT_PRIORS``)
+            other than the config's are used instead, with a warning.
 
     Device: ``device`` if given (``DeviceUnavailableError`` when it is a CUDA device and there is no
     GPU), else ``cfg.MODEL.DEVICE``, where a CUDA device on a machine without one falls back to the
@@ -196,7 +197,8 @@ class YolactPredictor:
         DeviceUnavailableError: an explicit CUDA ``device`` without a GPU.
         CheckpointLayoutError: the file is not a readable checkpoint, its tensors do not fit the
             model's shapes, or it leaves model parameters missing; the one-line message names
-            the file and how many parameters were missing.
+            the file and how many parameters were missing, or its stored priors are another count
+            per location (:func:`yolact_d2.checkpoint.adopt_priors`).
         ConfigError: ``INPUT.FORMAT`` is neither "RGB" nor "BGR", or an invalid model config.
     """
 
@@ -210,9 +212,10 @@ class YolactPredictor:
         check_class_names(self.cfg)  # before the slow load
         self.model = build_model(self.cfg)
         self.model.eval()
-        # What training stored beside the tensors: class names and input format (older files: none).
+        # What training stored beside the tensors: class names, input format, priors (older files: none).
         self.checkpoint_metadata = checkpoint_metadata(self._load_weights(self.cfg.MODEL.WEIGHTS))
-        self.cfg = adopt_input_format(self.cfg, self.model, self.checkpoint_metadata, self.cfg.MODEL.WEIGHTS)
+        if self.cfg.MODEL.WEIGHTS:  # its input format and priors (random weights: the config's)
+            self.cfg = adopt_checkpoint_metadata(self.cfg, self.model, self.checkpoint_metadata, self.cfg.MODEL.WEIGHTS)
         self.input_format = self.cfg.INPUT.FORMAT
         self.metadata = resolve_metadata(self.cfg, self.checkpoint_metadata.get("class_names"))
         min_size = self.cfg.INPUT.MIN_SIZE_TEST

@@ -398,8 +398,8 @@ def fit_priors_at_setup(cfg, resume: bool = False, eval_only: bool = False, data
 
     - ``--resume`` with a checkpoint in OUTPUT_DIR: the priors of OUTPUT_DIR/config.yaml (the ones
       the checkpoint was trained with) are taken, not re-fitted.
-    - ``--eval-only``: nothing is fitted (a warning says to evaluate with the training run's
-      config.yaml).
+    - ``--eval-only``: nothing is fitted; the checkpoint's stored priors are used
+      (:func:`yolact_d2.checkpoint.adopt_priors`, which refuses a checkpoint without them).
     - Several processes: rank 0 decides and fits, every rank receives its values.
 
     ``dataset_dicts``: a function returning the training dicts, for a caller whose data is not
@@ -413,9 +413,7 @@ def fit_priors_at_setup(cfg, resume: bool = False, eval_only: bool = False, data
     y = cfg.MODEL.YOLACT
     if cfg.MODEL.META_ARCHITECTURE != "YOLACT" or not y.FIT_PRIORS:
         return None
-    if eval_only:
-        logger.warning("MODEL.YOLACT.FIT_PRIORS is ignored with --eval-only: the configured priors are used; "
-                       "evaluate with the training run's OUTPUT_DIR/config.yaml, which holds the fitted priors")
+    if eval_only:  # nothing to fit: the loaded checkpoint's stored priors are used (checkpoint.adopt_priors)
         return "eval-only"
     result = None
     if comm.is_main_process():
