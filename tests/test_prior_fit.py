@@ -180,6 +180,10 @@ def test_checkpoint_carries_the_fitted_priors_to_every_loader(fitted_run, tmp_pa
     assert predictor.cfg.MODEL.YOLACT.ANCHOR_SCALES == stored["anchor_scales"]
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warned) == 1 and "trained with other priors" in warned[0] and "ANCHOR_SCALES" in warned[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="yolact_d2.checkpoint"):  # the run's config.yaml: nothing to adopt
+        saved = YolactPredictor(yolact_cfg(str(out / "config.yaml"), ["MODEL.WEIGHTS", str(weights)]))
+    assert not caplog.records and torch.equal(saved.model.prior_generator(sizes, "cpu"), trained)
     model = build_model(recipe)
     evaluated = load_for_evaluation(model, recipe, str(weights))
     assert torch.equal(model.prior_generator(sizes, "cpu"), trained)

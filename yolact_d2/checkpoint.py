@@ -391,7 +391,7 @@ def adopt_priors(cfg, model, meta: Dict, source: str):
             f"{source} was trained with {generator.num_priors_per_location} priors per location, the config makes "
             f"{model.prior_generator.num_priors_per_location}; use the training run's OUTPUT_DIR/config.yaml")
     changed = [(key.upper(), stored[key]) for key in stored if stored[key] != have[key]]
-    logger.warning(f"{source} was trained with other priors (fitted: MODEL.YOLACT.FIT_PRIORS): "
+    logger.warning(f"{source} was trained with other priors than the config's (fitted ones: MODEL.YOLACT.FIT_PRIORS): "
                    + ", ".join(f"MODEL.YOLACT.{k} {v}" for k, v in changed) + "; using those instead of the config's")
     model.prior_generator = generator  # holds no tensor: priors are made on the input's device
     cfg = cfg.clone()
