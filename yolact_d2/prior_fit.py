@@ -399,7 +399,8 @@ def fit_priors_at_setup(cfg, resume: bool = False, eval_only: bool = False, data
     - ``--resume`` with a checkpoint in OUTPUT_DIR: the priors of OUTPUT_DIR/config.yaml (the ones
       the checkpoint was trained with) are taken, not re-fitted.
     - ``--eval-only``: nothing is fitted; the checkpoint's stored priors are used
-      (:func:`yolact_d2.checkpoint.adopt_priors`, which refuses a checkpoint without them).
+      (:func:`yolact_d2.checkpoint.adopt_priors`; a checkpoint without them keeps the config's,
+      with a warning).
     - Several processes: rank 0 decides and fits, every rank receives its values.
 
     ``dataset_dicts``: a function returning the training dicts, for a caller whose data is not
