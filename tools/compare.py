@@ -505,12 +505,10 @@ def run_comparison(specs: Sequence[ModelSpec], data: Dataset, out_dir: str, iter
         for s in specs:
             opts = model_opts(s, common_opts)
             cfg = C.eval_config(configs[s.key], opts, data.val_json, data.val_images)
-            if cfg.MODEL.META_ARCHITECTURE == "YOLACT" and cfg.MODEL.YOLACT.FIT_PRIORS:
-                # The fitted priors live in the training run's config.yaml, not in the config file.
-                saved = Path(weights[s.key]).parent / "config.yaml"
-                if not saved.is_file():
-                    raise CompareError(f"{s.label}: MODEL.YOLACT.FIT_PRIORS is set but {saved} (the training run's "
-                                       "config, which holds the fitted priors) is missing; give the run folder as weights")
+            saved = Path(weights[s.key]).parent / "config.yaml"
+            if cfg.MODEL.META_ARCHITECTURE == "YOLACT" and cfg.MODEL.YOLACT.FIT_PRIORS and saved.is_file():
+                # The run's config holds the fitted priors; a checkpoint alone carries them too
+                # (checkpoint.adopt_priors, with a warning).
                 configs = {**configs, s.key: str(saved)}
                 cfg = C.eval_config(configs[s.key], opts, data.val_json, data.val_images)
             print(f"[compare] evaluating {s.label} ({weights[s.key]}) on {data.val_json}", flush=True)
