@@ -64,7 +64,8 @@ def add_yolact_config(cfg):
     # Fit ANCHOR_SCALES (per level) and ANCHOR_ASPECT_RATIOS (shared) to the training boxes at the
     # start of training (yolact_d2/prior_fit.py; tools/fit_priors.py prints them instead), keeping
     # their count. The saved config.yaml holds the fitted values with FIT_PRIORS False; --resume
-    # keeps them. Off: the configured priors, as the paper.
+    # keeps them; checkpoints store the priors too (checkpoint.adopt_priors). Off: the configured
+    # priors, as the paper; configs/Base-YOLACT-SmallData.yaml turns it on (issue 27).
     _C.MODEL.YOLACT.FIT_PRIORS = False
     # Steps of the fit's evolutionary search after its k-means start (0: k-means + coordinate search).
     _C.MODEL.YOLACT.FIT_PRIORS_ITERATIONS = 300
