@@ -17,12 +17,9 @@ import logging
 import os
 import sys
 import time
-import warnings
 
-# fvcore and detectron2 call torch.jit.script at import time, which torch deprecates with a
-# FutureWarning per call that says nothing about this demo: only that message is hidden.
-warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning,
-                        module=r"torch\.jit\._script")
+# torch's and the dependencies' own import-time noise is filtered by yolact_d2.console, which the
+# package imports first (the demo imports nothing of detectron2 before it).
 # Before torch / detectron2 are imported: send their import-time warnings to stdout, so that stderr
 # carries nothing but this demo's own error line; and keep OpenCV / FFmpeg from printing there.
 logging.captureWarnings(True)

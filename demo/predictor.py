@@ -35,11 +35,10 @@ class VisualizationDemo:
         ``ExportedPredictor`` raises."""
         from detectron2.data.catalog import Metadata
 
-        from yolact_d2.runtime import ExportedPredictor, split_runtime
+        from yolact_d2.runtime import ExportedPredictor
 
         demo = cls.__new__(cls)
-        file, runtime = split_runtime(path)
-        demo.predictor = ExportedPredictor(file, runtime=runtime)
+        demo.predictor = ExportedPredictor.open(path)
         demo.metadata = Metadata(name=f"exported:{path}", thing_classes=demo.predictor.class_names)
         demo.confidence_threshold = confidence_threshold
         return demo

@@ -323,6 +323,32 @@ def test_script_import_detector_catches(source):
     assert script_imports(source), source
 
 
+def _script_names():
+    """The repository's scripts: train_net.py and every file of demo/ and tools/ that runs as
+    ``__main__`` (demo/predictor.py is the demo's module, as in detectron2's demo)."""
+    paths = [REPO / "train_net.py", *sorted((REPO / "demo").glob("*.py")), *sorted((REPO / "tools").glob("*.py"))]
+    return [p for p in paths if "__main__" in p.read_text()]
+
+
+def test_no_script_imports_another_script():
+    """train_net.py, demo/ and tools/ import the package, not each other (nor change sys.path to
+    reach one): what two scripts share lives in yolact_d2/ (e.g. the Trainer, yolact_d2/engine.py)."""
+    scripts = _script_names()
+    assert {"train_net.py", "demo.py", "main_job.py", "compare.py"} <= {p.name for p in scripts}
+    siblings = {p.stem for p in scripts}
+    offenders = []
+    for path in scripts:
+        source = path.read_text()
+        found = script_imports(source, str(path))
+        # Run as a script, its folder is on sys.path: "import main_job" would reach tools/main_job.py.
+        for node in ast.walk(ast.parse(source)):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else []
+            found += [(node.lineno, n) for n in names if n.split(".")[0] in siblings]
+        offenders += [f"{path.relative_to(REPO)}:{line}: {what}" for line, what in found]
+    assert not offenders, "a script must not depend on another script: " + "; ".join(offenders)
+
+
 def test_package_imports_no_script():
     """Nothing under yolact_d2/ imports train_net.py, tools/ or demo/, or loads them another way."""
     offenders = []

@@ -66,8 +66,7 @@ def expected_step(opts, init, per_image: bool):
     """One training step from ``init`` on the two photos in one forward (BatchNorm over both, as
     SyncBN across two processes), on the mean of the photos' own losses (``per_image``, what DDP
     averages) or on the batch's loss (one process). Returns (losses, parameters, model)."""
-    sys.path.insert(0, str(REPO))
-    import train_net
+    from yolact_d2 import engine
     from detectron2.config import get_cfg
     from detectron2.modeling import build_model
 
@@ -85,10 +84,10 @@ def expected_step(opts, init, per_image: bool):
     model = build_model(cfg)
     model.load_state_dict(init)
     model.train()
-    optimizer = train_net.Trainer.build_optimizer(cfg, model)
-    train_net.Trainer.build_lr_scheduler(cfg, optimizer)  # sets iteration 0's (warmup) lr
+    optimizer = engine.Trainer.build_optimizer(cfg, model)
+    engine.Trainer.build_lr_scheduler(cfg, optimizer)  # sets iteration 0's (warmup) lr
     mapper = YolactDatasetMapper(cfg, is_train=True)
-    inputs = [mapper(d) for d in train_net.checked_dataset_dicts(cfg, cfg.DATASETS.TRAIN)]
+    inputs = [mapper(d) for d in engine.checked_dataset_dicts(cfg, cfg.DATASETS.TRAIN)]
     out = model._forward_network(model.preprocess_image(inputs))
     sem_seg = model.sem_seg_head(out["proto_features"])
     gt = [x["instances"] for x in inputs]

@@ -72,7 +72,7 @@ def test_fit_coverage_matches_a_brute_force_iou_count():
 
 
 def _args(out_dir, *extra):
-    from train_net import argument_parser
+    from yolact_d2.engine import argument_parser
 
     return argument_parser().parse_args(
         ["--config-file", str(REPO / "configs/pennfudan/yolact_R_18_FPN_320.yaml"), *extra,
@@ -85,7 +85,7 @@ def fitted_run(tmp_path_factory):
     need(DATA / "pennfudan")
     from detectron2.data import DatasetCatalog, MetadataCatalog
 
-    from train_net import Trainer, setup
+    from yolact_d2.engine import Trainer, setup
     from yolact_d2.data.datasets import register_builtin_datasets
 
     register_builtin_datasets()
@@ -126,7 +126,7 @@ def test_fitted_priors_train_checkpoint_and_rebuild_from_config_yaml(fitted_run)
 
 def test_resume_keeps_the_first_fit(fitted_run, monkeypatch):
     import yolact_d2.prior_fit as prior_fit
-    from train_net import setup
+    from yolact_d2.engine import setup
 
     from conftest import yolact_cfg
 

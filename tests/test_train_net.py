@@ -1,12 +1,11 @@
 """train_net.py: resume, NaN handling and bad-data errors (detectron2's trainer under the hood)."""
 import json
 import math
-import sys
 
 import pytest
 import torch
 
-from conftest import DATA, REPO, need
+from conftest import DATA, need
 from helpers import CONFIG, TINY
 # train_net.py in this process (~5 s of imports less per run); its real subprocesses (one user
 # mistake, one internal error) are in test_errors.py.
@@ -32,6 +31,10 @@ def test_resume_continues_the_same_schedule(tmp_path):
     assert second.returncode == 0, second.stderr[-2000:]
     log = (tmp_path / "log.txt").read_text()
     assert "Starting training from iteration 2" in log
+    # detectron2's full record (environment, config, model), without colour codes in the file, and
+    # the plugin's own logger set up too (yolact_d2/engine.py).
+    assert "Running with full config" in log and "\x1b[" not in log and "yolact_d2.data.dataset_mapper" in log
+    assert "\x1b[" not in first.stdout + second.stdout  # a redirected console: no colour either
     # metrics.json is appended (written at each run's last iteration), not restarted.
     assert iterations(tmp_path) == [1, 3]
     # The multi-step schedule continued: lr dropped x0.1 at iteration 3 of the same schedule.
@@ -43,8 +46,7 @@ def test_resume_continues_the_same_schedule(tmp_path):
 def test_nan_loss_stops_training_naming_the_iteration(tmp_path):
     """A NaN loss stops training with a FloatingPointError naming the iteration."""
     need(DATA / "pennfudan")
-    sys.path.insert(0, str(REPO))
-    from train_net import Trainer
+    from yolact_d2.engine import Trainer
     from detectron2.config import get_cfg
     from yolact_d2 import add_yolact_config
     from yolact_d2.data.datasets import register_builtin_datasets

@@ -74,7 +74,7 @@ def load_images(args) -> Tuple[List[Tuple[str, np.ndarray]], str]:
 
 def build_entries(args) -> List[Dict]:
     """One entry per timed model: metadata, ``bench`` (a ModelBench or ExportedBench) and its label."""
-    from yolact_d2.runtime import ExportedPredictor, split_runtime
+    from yolact_d2.runtime import ExportedPredictor
 
     entries = []
     specs = [(args.config_file, args.opts, args.weights)]
@@ -92,8 +92,8 @@ def build_entries(args) -> List[Dict]:
     if args.exported and (not eager["is_yolact"] or args.device != "cpu" or args.batch_size != 1):
         raise SystemExit("--exported needs a YOLACT --config-file, --device cpu and --batch-size 1")
     for spec in args.exported:
-        path, runtime = split_runtime(spec)  # FILE or FILE@RUNTIME (e.g. model.onnx@openvino)
-        predictor = ExportedPredictor(path, threads=args.threads, runtime=runtime)
+        predictor = ExportedPredictor.open(spec, threads=args.threads)  # FILE or FILE@RUNTIME (model.onnx@openvino)
+        path = predictor.path
         meta, cfg = predictor.metadata, eager["cfg"]
         if meta["num_classes"] != cfg.MODEL.YOLACT.NUM_CLASSES or meta["input_size"] != cfg.MODEL.YOLACT.INPUT_SIZE:
             raise SystemExit(f"--exported {path} ({meta['num_classes']} classes, input {meta['input_size']}) was not "

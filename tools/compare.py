@@ -26,21 +26,14 @@ import platform
 import shlex
 import subprocess
 import sys
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-# Before detectron2 is imported: hide torch's deprecation FutureWarning for the dependencies'
-# import-time torch.jit.script calls (that message only).
-warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning,
-                        module=r"torch\.jit\._script")
+from yolact_d2.compare import METRICS, TASKS, CompareError
+from yolact_d2.errors import YolactUserError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
-
-from yolact_d2.compare import METRICS, TASKS, CompareError  # noqa: E402
-from yolact_d2.errors import YolactUserError  # noqa: E402
 
 README_BEGIN = "<!-- compare:begin -->"
 README_END = "<!-- compare:end -->"

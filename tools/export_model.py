@@ -13,14 +13,8 @@ Prints one line per file written; a setting or path that cannot be exported is o
 import argparse
 import logging
 import os
-import sys
-import warnings
 
-# Before detectron2 is imported: its and fvcore's import-time torch.jit.script calls each raise torch's
-# deprecation FutureWarning, which says nothing about this program (only that message is hidden).
-warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning,
-                        module=r"torch\.jit\._script")
-
+import yolact_d2  # noqa: F401  (first: its warning filters, before detectron2 is imported)
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402

@@ -11,17 +11,13 @@ The number of priors stays as configured. ``MODEL.YOLACT.FIT_PRIORS True`` in tr
 same fit at the start of training instead. A bad config or dataset is one line on stderr (exit 2).
 """
 import argparse
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from yolact_d2.config import load_config  # noqa: E402
-from yolact_d2.data.custom import apply_coco_json_datasets  # noqa: E402
-from yolact_d2.diagnostics import format_coverage  # noqa: E402
-from yolact_d2.errors import run_main  # noqa: E402
-from yolact_d2.prior_fit import config_lines, fit_priors_to_dataset, training_dataset_dicts  # noqa: E402
+from yolact_d2.config import load_config
+from yolact_d2.data.custom import apply_coco_json_datasets
+from yolact_d2.diagnostics import format_coverage
+from yolact_d2.errors import run_main
+from yolact_d2.prior_fit import config_lines, fit_priors_to_dataset, training_dataset_dicts
 
 
 def main(argv=None):

@@ -10,17 +10,8 @@ Works for any detectron2 model train_net.py trains (YOLACT or Mask R-CNN): detec
 dataset's class names, one tile per photo, tiles side by side.
 """
 import argparse
-import sys
-import warnings
 from pathlib import Path
 
-# Before detectron2 is imported: hide torch's deprecation FutureWarning for the dependencies'
-# import-time torch.jit.script calls (that message only).
-warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning,
-                        module=r"torch\.jit\._script")
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 
 def main(argv=None):

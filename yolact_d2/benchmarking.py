@@ -28,7 +28,6 @@ import ctypes
 import datetime
 import gc
 import inspect
-import logging
 import os
 import platform
 import resource
@@ -486,14 +485,9 @@ def time_predictor(predictor: Callable[[np.ndarray], object], images_bgr: Sequen
 
 # ----------------------------------------------------------------------------- micro-benchmarks
 def _timer(stmt_fn: Callable[[], object], threads: int):
-    # torch.utils.benchmark imports torch.utils.cpp_extension, which logs a CUDA_HOME line on CPU machines.
-    log = logging.getLogger("torch.utils.cpp_extension")
-    level = log.level
-    log.setLevel(logging.ERROR)
-    try:
-        from torch.utils.benchmark import Timer
-    finally:
-        log.setLevel(level)
+    # (its import of torch.utils.cpp_extension logs a CUDA_HOME line on CPU machines: yolact_d2.console)
+    from torch.utils.benchmark import Timer
+
     return Timer(stmt="fn()", globals={"fn": stmt_fn}, num_threads=threads)
 
 

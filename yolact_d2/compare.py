@@ -124,16 +124,15 @@ def eval_config(config_file: str, opts: Sequence[str], val_json: str, val_images
     Raises:
         ConfigError / MissingFileError / DatasetError: bad key or value, missing file, bad JSON.
     """
-    from .config import load_config
-    from .data.custom import apply_coco_json_datasets
-    from .device import cpu_sync_batch_norm, resolve_device
+    import argparse
 
-    cfg = load_config(config_file, list(opts))
-    cfg.DATASETS.TEST_JSON, cfg.DATASETS.TEST_IMAGES = str(val_json), str(val_images)
-    cfg.DATASETS.TRAIN_JSON = cfg.DATASETS.TRAIN_IMAGES = ""
-    apply_coco_json_datasets(cfg)
-    cfg.MODEL.DEVICE = resolve_device(device)
-    cpu_sync_batch_norm(cfg)
+    from .engine import build_config
+
+    # No training set: only the val split is registered and evaluated.
+    opts = [*opts, "DATASETS.TRAIN", "()", "DATASETS.TRAIN_JSON", "", "DATASETS.TRAIN_IMAGES", "",
+            "MODEL.DEVICE", device]
+    args = argparse.Namespace(config_file=config_file, opts=opts, val_json=str(val_json), val_images=str(val_images))
+    cfg = build_config(args)
     cfg.freeze()
     return cfg
 
@@ -153,19 +152,17 @@ def build_eval_model(cfg, weights: str):
 
 
 def load_exported(path: str, threads: int):
-    """An :class:`yolact_d2.runtime.ExportedPredictor` of ``path`` (``FILE`` or ``FILE@RUNTIME``).
+    """:meth:`yolact_d2.runtime.ExportedPredictor.open` of ``path`` (``FILE`` or ``FILE@RUNTIME``),
+    its one-line errors prefixed with the ``--exported`` flag that gave the file.
 
     Raises:
         CompareError: missing or unusable file, or no runtime installed for it (named, with the fix).
     """
-    from .runtime import ExportedPredictor, split_runtime
+    from .runtime import ExportedPredictor
 
     try:
-        file, runtime = split_runtime(path)
-        return ExportedPredictor(file, threads=threads, runtime=runtime)
-    except ImportError as e:
-        raise CompareError(f"--exported {path}: {e.name or e} is not installed (pip install onnxruntime for .onnx)") from None
-    except (FileNotFoundError, ValueError) as e:
+        return ExportedPredictor.open(path, threads=threads)
+    except YolactUserError as e:
         raise CompareError(f"--exported {path}: {' '.join(str(e).split())}") from None
 
 

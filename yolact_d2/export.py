@@ -173,7 +173,7 @@ class EndToEndGraph(nn.Module):
         boxes = boxes[index]
         soft = crop_masks(assemble_masks(prototypes[0], mask_coeffs[0][index]), boxes)
         pixel_boxes = to_pixel_boxes(boxes, height, width)
-        # One blank mask appended and dropped again: resize refuses an empty batch (no detection).
+        # One blank mask appended and dropped again: resize (and re-scoring) refuse an empty batch.
         padded = torch.cat([soft, soft.new_zeros((1,) + soft.shape[1:])])
         up = F.interpolate(padded[None], size=(height, width), mode="bilinear", align_corners=False)
         # Threshold before dropping the batch axis and the blank mask: those copies are then uint8,
@@ -181,7 +181,7 @@ class EndToEndGraph(nn.Module):
         masks = (up > m.mask_threshold).to(torch.uint8).squeeze(0)[:-1]
         outputs = (pixel_boxes, det_scores, classes, masks)
         if m.mask_rescoring is not None:  # the eager model's re-scoring, branch-free
-            outputs += (det_scores * m.mask_rescoring.predict_iou(soft, classes),)
+            outputs += (det_scores * m.mask_rescoring.predict_iou(padded, classes, blank_appended=True),)
         return outputs
 
 

@@ -28,14 +28,16 @@ class FastMaskIoUNet(nn.Module):
     def forward(self, masks: torch.Tensor) -> torch.Tensor:
         return self.layers(masks).amax(dim=(2, 3))
 
-    def predict_iou(self, masks: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    def predict_iou(self, masks: torch.Tensor, classes: torch.Tensor, blank_appended: bool = False) -> torch.Tensor:
         """IoU predicted for each mask's own class: masks (D, h, w), classes (D,) -> (D,); D may be 0.
+        ``blank_appended``: ``masks`` is (D + 1, h, w), already ending with the blank mask below
+        (the exported graph appends it once for its resize too).
 
         One blank mask rides along and is dropped: a convolution refuses an empty batch, and a
         branch on D would be frozen into a traced graph (an export traced on an image without
         detections would then score every later image as empty). The eager model and the exported
         graph both run this code.
         """
-        padded = torch.cat([masks, masks.new_zeros((1,) + masks.shape[1:])])
+        padded = masks if blank_appended else torch.cat([masks, masks.new_zeros((1,) + masks.shape[1:])])
         padded_classes = torch.cat([classes, classes.new_zeros(1)])
         return self(padded[:, None]).gather(1, padded_classes[:, None]).squeeze(1)[:-1]

@@ -184,7 +184,11 @@ class ExportedPredictor:
         self.threads = threads
         fix = "re-export it with tools/export_model.py --graph e2e"
         if self.runtime == "onnxruntime":
-            import onnxruntime as ort
+            try:
+                import onnxruntime as ort
+            except ImportError as e:
+                raise ExportedModelError(
+                    "runtime 'onnxruntime' needs the onnxruntime package: pip install onnxruntime") from e
 
             options = ort.SessionOptions()
             if threads:
@@ -238,6 +242,18 @@ class ExportedPredictor:
         if self.metadata["graph"] != "e2e":
             raise ExportedModelError(f"{path} holds the raw graph (network outputs only); {fix}")
         self.class_names: List[str] = list(self.metadata["class_names"])
+
+    @classmethod
+    def open(cls, spec: str, threads: Optional[int] = None) -> "ExportedPredictor":
+        """The predictor of an exported-model spec as the tools' ``--exported`` take it:
+        ``FILE`` (runtime by suffix), ``FILE@RUNTIME`` or ``FILE@RUNTIME:PRECISION`` (e.g.
+        ``model.onnx@openvino:bf16``; :func:`split_runtime`). ``threads``: the runtime's intra-op
+        threads; None: ``torch.get_num_threads()``, the pool eager PyTorch would use. The one
+        way every entry point (``train_net.py --exported``, the demo, ``tools/benchmark.py``,
+        ``tools/compare.py``) opens an exported model. Raises what the constructor raises; a
+        missing runtime package is an :class:`ExportedModelError` naming the ``pip install``."""
+        path, runtime = split_runtime(spec)
+        return cls(path, threads=torch.get_num_threads() if threads is None else threads, runtime=runtime)
 
     def run(self, image_bgr: np.ndarray) -> Dict[str, np.ndarray]:
         """The graph's outputs for one (H, W, 3) uint8 BGR image, by name (see the export docstring)."""
