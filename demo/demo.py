@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""YOLACT demo in detectron2's demo style: draw instance masks on images, a video or a webcam.
+r"""YOLACT demo in detectron2's demo style: draw instance masks on images, a video or a webcam.
 
     python demo/demo.py --input photos/*.jpg --output out/ \
         --opts MODEL.WEIGHTS yolact_resnet50_54_800000.pth MODEL.DEVICE cpu
@@ -43,8 +43,9 @@ class DemoError(Exception):
 
 
 def get_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="YOLACT demo (detectron2 plugin yolact-d2)")
-    parser.add_argument("--config-file", default=DEFAULT_CONFIG, metavar="FILE", help="path to config file")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config-file", default=DEFAULT_CONFIG, metavar="FILE",
+                        help="path to config file (default: %(default)s, found from any directory)")
     parser.add_argument("--webcam", action="store_true", help="take frames from webcam 0")
     parser.add_argument("--video-input", help="path to a video file")
     parser.add_argument(

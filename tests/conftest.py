@@ -72,3 +72,15 @@ def matched_detections(inst, classes, scores, boxes, masks, score_field="scores"
                 matched += 1
                 break
     return matched
+
+
+# Module fixtures that train a model, export one or run entry points in subprocesses: a test that
+# uses one is `slow` (pytest.ini), like the tests marked one by one.
+SLOW_FIXTURES = {"run", "runs", "trained", "fitted_run", "demo_runs", "entry_point_runs",
+                 "exported_files", "onnx_files", "e2e_file", "raw_file", "int8_file"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

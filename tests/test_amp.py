@@ -28,6 +28,7 @@ def _losses(device, batch, dtype=None):
         return model(batch), model
 
 
+@pytest.mark.slow
 def test_cpu_autocast_training_step(batch):
     ref, _ = _losses("cpu", batch)
     amp, model = _losses("cpu", batch, torch.bfloat16)

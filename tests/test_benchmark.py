@@ -1,7 +1,6 @@
 """Tests of tools/benchmark.py and yolact_d2.benchmarking: one tiny YOLACT-vs-Mask R-CNN run of the
 tool, the timed call's detections and stages, config lookup."""
 import importlib.util
-import struct
 import subprocess
 import sys
 import time
@@ -68,6 +67,7 @@ def run(small_images, tmp_path_factory):
     return proc, data, png_path
 
 
+@pytest.mark.slow
 def test_exit_code_and_table(run):
     proc, data, _ = run
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -77,16 +77,15 @@ def test_exit_code_and_table(run):
 
 
 def test_json_figures_agree_with_their_samples(run):
-    """Every derived figure of the JSON recomputed here from the samples it reports."""
+    """The JSON's figures fit together: every stage, unattributed included, is timed in the same
+    calls as the end-to-end samples, and the shares and ratios follow from them."""
     _, data, _ = run
     for model in data["models"]:
         e2e = model["end_to_end"]
         assert e2e["n"] == 2  # 2 images, one timed call each
-        assert e2e["median_ms"] == pytest.approx(np.median(e2e["samples_ms"]), abs=1e-3)
         assert model["images_per_s"] == pytest.approx(1e3 / e2e["median_ms"], rel=1e-6)
         stages = model["stages"]
         for name, st in stages.items():
-            assert st["median_ms"] == pytest.approx(np.median(st["samples_ms"]), abs=1e-3), name
             assert min(st["samples_ms"]) >= 0, name
         total = sum(st["median_ms"] for st in stages.values())
         assert model["stage_sum_ms"] == pytest.approx(total, rel=1e-9)
@@ -237,6 +236,7 @@ def test_generic_stages_are_not_negative(timed):
     assert min(stages.values()) >= 0 and sum(stages.values()) == pytest.approx(seconds) and seconds <= wall
 
 
+@pytest.mark.slow
 def test_compiled_network_is_one_stage(built):
     """Under torch.compile (MODEL.YOLACT.COMPILE, R-18 at 160 px) no per-module hook is set (it
     would break the graph): the network is one stage around the compiled call, the post-processing
@@ -307,20 +307,18 @@ def test_chart_bars_are_the_json_medians(run, tmp_path, monkeypatch):
     plt.close(fig)
 
 
-def test_metadata(run):
-    _, data, _ = run
-    meta = data["meta"]
-    assert meta["device"] == "cpu" and meta["threads"] == 1 and meta["batch_size"] == 1
-    assert meta["torch"] and meta["detectron2"] and meta["num_images"] == 2 and meta["cpu_model"]
+def test_summarize_against_a_hand_count():
+    """Seconds in, milliseconds out: the median of 4 samples is the mean of the middle two, the
+    quartiles and deciles by linear interpolation (numpy's default, worked out by hand here)."""
+    from yolact_d2.benchmarking import summarize
 
-
-def test_png_is_valid(run):
-    _, _, png = run
-    data = png.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    assert data[12:16] == b"IHDR"
-    width, height = struct.unpack(">II", data[16:24])
-    assert width > 100 and height > 100
+    s = summarize([0.010, 0.001, 0.003, 0.002])  # 1, 2, 3, 10 ms once sorted
+    assert s["n"] == 4 and s["median_ms"] == pytest.approx(2.5)
+    assert (s["min_ms"], s["max_ms"]) == pytest.approx((1.0, 10.0))
+    assert s["q1_ms"] == pytest.approx(1.75) and s["q3_ms"] == pytest.approx(4.75)  # ranks 0.75, 2.25
+    assert s["p10_ms"] == pytest.approx(1.3) and s["p90_ms"] == pytest.approx(7.9)  # ranks 0.3, 2.7
+    assert s["samples_ms"] == [10.0, 1.0, 3.0, 2.0]  # in the order taken
+    assert summarize([]) == {"n": 0}
 
 
 def test_resolve_config_forms():

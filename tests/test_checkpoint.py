@@ -20,6 +20,7 @@ from yolact_d2.checkpoint import CheckpointLayoutError, convert_original_state_d
         ("yolact_base_config", "configs/yolact_R_101_FPN_550.yaml"),
     ],
 )
+@pytest.mark.slow
 def test_every_original_tensor_lands_in_the_model(config_name, config_file):
     model = build_model(yolact_cfg(config_file))
     own = model.state_dict()
@@ -68,6 +69,7 @@ def test_torchvision_resnet_initialises_the_bottom_up():
     assert ((ours - theirs).norm() / theirs.norm()).item() <= 1e-5  # values reach ~50: relative
 
 
+@pytest.mark.slow
 def test_convert_tool_writes_a_checkpoint_that_loads_strictly(tmp_path, reference_outputs):
     src = need(REFERENCE / "yolact_resnet50_seed1.pth")
     dst = tmp_path / "converted.pth"
@@ -87,6 +89,7 @@ def test_convert_tool_writes_a_checkpoint_that_loads_strictly(tmp_path, referenc
     assert bad.returncode != 0 and "not in the original YOLACT layout" in bad.stderr
 
 
+@pytest.mark.slow
 def test_released_80_class_checkpoint_fine_tunes_a_1_class_model(tmp_path, caplog):
     """Fitting tensors load bit-exactly, the class-specific ones are skipped (listed in the log) and
     keep their initialisation, and a training step then runs."""

@@ -75,6 +75,7 @@ def trained(tmp_path_factory):
     return out, run, [tmp / "images" / p for p in photos[8:10]], train["annotations"][5]["id"], photos[0]
 
 
+@pytest.mark.slow
 def test_recoverable_faults_train_and_evaluate_without_a_traceback(trained):
     out, run, _, empty_id, truncated = trained
     assert run.returncode == 0, run.stderr[-3000:]

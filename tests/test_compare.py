@@ -91,6 +91,7 @@ def _cell(text):
     return float("nan") if text == "n/a" else float(text)
 
 
+@pytest.mark.slow
 def test_report_files(run):
     report, out = _ok(run)
     for name in ("report.md", "report.json", "speed_accuracy.png", "predictions.png"):
@@ -165,6 +166,7 @@ def test_commands_and_environment(run):
     assert f"| torch | {torch.__version__} |" in md
 
 
+@pytest.mark.slow
 def test_readme_table_and_update(run, tmp_path, tool):
     README_BEGIN, README_END, parse_markdown_table = tool.README_BEGIN, tool.README_END, tool.parse_markdown_table
     _, out = _ok(run)
@@ -173,7 +175,7 @@ def test_readme_table_and_update(run, tmp_path, tool):
     assert parse_markdown_table(proc.stdout) == parse_markdown_table((out / "report.md").read_text())
     readme = tmp_path / "README.md"
     readme.write_text(f"# x\nbefore\n{README_BEGIN}\nold table\n{README_END}\nafter\n")
-    proc = _tool("--from-report", out / "report.json", "--update-readme", readme)
+    proc = _tool("--from-report", out / "report.json", "--update-page", readme)
     assert proc.returncode == 0, proc.stderr
     text = readme.read_text()
     assert text.startswith(f"# x\nbefore\n{README_BEGIN}\n") and text.endswith(f"{README_END}\nafter\n")
@@ -181,8 +183,9 @@ def test_readme_table_and_update(run, tmp_path, tool):
     assert parse_markdown_table(text) == parse_markdown_table((out / "report.md").read_text())
 
 
-def test_repository_readme_has_a_generated_block(tool):
-    text = (REPO / "README.md").read_text()
+def test_benchmarks_page_has_the_generated_block(tool):
+    """The page --update-page writes (docs/benchmarks.md, where the comparison lives) has its block."""
+    text = (REPO / "docs" / "benchmarks.md").read_text()
     block = text[text.index(tool.README_BEGIN):text.index(tool.README_END)]
     rows = tool.parse_markdown_table(block)
     assert {"YOLACT", "Mask R-CNN"} <= {r["model"] for r in rows}
@@ -206,6 +209,7 @@ def test_scaled_schedule():
     (["--yolact-weights", "/nonexistent/run"], r"^error: weights /nonexistent/run not found: give a \.pth file"),
     (["--exported", "/nonexistent/m.onnx"], r"^error: --exported /nonexistent/m\.onnx: .*not found.*tools/export_model\.py"),
 ])
+@pytest.mark.slow
 def test_bad_input_is_one_line_naming_the_fix(args, expected, tmp_path):
     pytest.importorskip("detectron2")
     need(DATA / "pennfudan")
@@ -218,6 +222,7 @@ def test_bad_input_is_one_line_naming_the_fix(args, expected, tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_exported_graph_gets_its_own_evaluated_and_timed_row(run, tmp_path, tool):
     """--exported: the YOLACT checkpoint of the tiny run exported end to end (ONNX) is evaluated by
     the same evaluator and timed on the same photos; its AP is the eager model's (the graph gives

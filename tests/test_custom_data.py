@@ -28,6 +28,7 @@ def _load(path):
     return module
 
 
+@pytest.mark.slow
 def test_train_evaluate_and_demo_on_a_coco_json_outside_the_repo(tmp_path):
     """train_net.py trains and evaluates on COCO JSON files given by flags (NUM_CLASSES and mask format set
     from them), and the demo finds the class names again from the saved config and weights."""

@@ -136,6 +136,7 @@ BAD_CASES = ["missing_image", "empty_image", "corrupt_image", "bad_video", "unkn
              "missing_config", "wrong_layout_checkpoint", "not_a_checkpoint", "missing_weights"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", BAD_CASES)
 def test_demo_bad_input_one_line_error(demo_runs, case):
     """Each bad input (missing/empty/corrupt image, bad video, unknown key, missing config or weights, wrong
@@ -254,6 +255,7 @@ def test_predictor_accepts_gray_rgba_and_1x1_images():
         predictor.predict_batch([photo, photo[:, :, :2]])
 
 
+@pytest.mark.slow
 def test_predictor_rejects_checkpoints_of_another_layout(tmp_path):
     """YolactPredictor names a checkpoint of another layout (foreign keys, torchvision R-18, backbone only)
     and a missing weights file."""

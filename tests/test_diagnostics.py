@@ -65,6 +65,7 @@ def test_dead_channel_share_definition():
     assert dead_channel_share(x.permute(0, 2, 3, 1), channels_last=True).item() == pytest.approx(2 / 8)
 
 
+@pytest.mark.slow
 def test_healthy_model_reports_nothing_dead_and_does_not_warn(batch, caplog):
     model = _model(RECIPE_4 + WINDOW, RECIPE)
     with caplog.at_level(logging.WARNING, logger="yolact_d2.diagnostics"):
@@ -77,6 +78,7 @@ def test_healthy_model_reports_nothing_dead_and_does_not_warn(batch, caplog):
     assert not _warnings(caplog) and not model.diagnostics.warned
 
 
+@pytest.mark.slow
 def test_a_dead_fpn_level_is_reported_and_warns_once(batch, caplog):
     model = _model(WINDOW)  # the paper's FPN: ReLU after each output conv, no norm
     with torch.no_grad():
@@ -103,6 +105,7 @@ def test_constant_p6_p7_are_reported_dead(batch):
     assert storage.latest()["[metric]dead/p5"][0] == 0.0
 
 
+@pytest.mark.slow
 def test_forced_only_matches_are_counted_and_warned(batch, caplog):
     # Priors far too small for every object: each object trains only its forced match.
     model = _model(WINDOW + ["MODEL.YOLACT.ANCHOR_SCALES", "[[2], [2], [2], [2], [2]]"])
@@ -154,6 +157,7 @@ def test_prior_coverage_matches_a_brute_force_count():
     assert cov["median_best_iou"] == pytest.approx(sorted(best)[1], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_feature_sizes_match_the_backbone():
     for size in (320, 550):
         model = build_model(yolact_cfg(PAPER, ["MODEL.YOLACT.INPUT_SIZE", str(size)])).eval()
@@ -162,6 +166,7 @@ def test_feature_sizes_match_the_backbone():
         assert feature_sizes(size) == [tuple(feats[f"p{i}"].shape[-2:]) for i in range(3, 8)]
 
 
+@pytest.mark.slow
 def test_pennfudan_coverage_with_paper_and_recipe_priors():
     """The issue's table: 92% of Penn-Fudan's objects lack a prior at IoU 0.5 with v1's priors, 5% with
     the recipe's (true aspect ratios, 3 scales, positive IoU 0.4)."""
@@ -183,6 +188,7 @@ def test_pennfudan_coverage_with_paper_and_recipe_priors():
     assert make_priors(feature_sizes(320), [[14]] * 5, [1.0], 320, True).shape[0] == 40 * 40 + 400 + 100 + 25 + 9
 
 
+@pytest.mark.slow
 def test_diagnostics_reach_metrics_json_and_the_paper_options_warn(tmp_path):
     """A real (tiny) train_net.py run on Penn-Fudan with the paper's priors: the scalars are in
     metrics.json, and the coverage table and forced-match warning are in the log."""

@@ -133,6 +133,7 @@ def assert_close_params(got, want, rtol=1e-4, atol=1e-6):
         torch.testing.assert_close(got[k], v, rtol=rtol, atol=atol, msg=lambda m: f"{k}: {m}")
 
 
+@pytest.mark.slow
 def test_two_processes_with_syncbn_step_as_computed_here(tmp_path, monkeypatch):
     opts = OPTS + two_photo_dataset(tmp_path)
     two = run(tmp_path / "two", 2, opts)

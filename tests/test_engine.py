@@ -5,12 +5,15 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO
 from helpers import run_script_in_process
 
 ANSI = re.compile(r"\x1b\[")
 
 
+@pytest.mark.slow
 def test_entry_points_print_no_dependency_warning_on_start():
     """train_net.py, the demo, every tool and ``import yolact_d2`` start without torch's
     ``torch.jit.script`` FutureWarning or the CUDA_HOME line (yolact_d2/console.py, imported first).
@@ -26,6 +29,7 @@ def test_entry_points_print_no_dependency_warning_on_start():
         assert "Warning" not in text and "CUDA_HOME" not in text, (args, text[-2000:])
 
 
+@pytest.mark.slow
 def test_main_job_console_is_short_and_evaluates_once(tmp_path):
     """Two iterations of the README's main job: a console for a person (set-up line, dataset
     summary, prior fit, iterations, one AP table per task, summary) under 100 lines with no

@@ -110,6 +110,7 @@ def runs(tmp_path_factory):
     return results
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", [f"train_{e}" for e in INTERNAL] + ["demo_ValueError"])
 def test_internal_error_keeps_its_traceback(runs, name):
     """A plain ValueError/KeyError/RuntimeError raised deep in the model build ends train_net.py and the demo

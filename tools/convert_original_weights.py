@@ -12,11 +12,12 @@ import sys
 
 import torch
 
+from yolact_d2.console import HelpFormatter
 from yolact_d2.checkpoint import CheckpointLayoutError, convert_original_state_dict, detect_layout
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("src", help="original checkpoint (.pth state_dict)")
     parser.add_argument("dst", help="output .pth in yolact-d2 layout")
     parser.add_argument("--num-classes", type=int, default=None, help="C, if it cannot be inferred")

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Export a YOLACT model to ONNX or TorchScript (see yolact_d2/export.py for the two graphs).
+r"""Export a YOLACT model to ONNX or TorchScript (see yolact_d2/export.py for the two graphs).
 
     python tools/export_model.py --config-file configs/yolact_R_50_FPN_550.yaml --format onnx \
         --graph e2e --output output/export/yolact_R_50_550_e2e.onnx MODEL.WEIGHTS model.pth
@@ -23,6 +23,7 @@ from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 
 from yolact_d2.config import load_config  # noqa: E402
+from yolact_d2.console import HelpFormatter  # noqa: E402
 from yolact_d2.checkpoint import adopt_checkpoint_metadata, checkpoint_metadata  # noqa: E402
 from yolact_d2.errors import MissingFileError, run_main  # noqa: E402
 from yolact_d2.export import DEFAULT_OPSET, DEFORM_CONV_OPSET, ExportError, export_model, quantize_onnx  # noqa: E402
@@ -33,7 +34,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--config-file", required=True, metavar="FILE")
     p.add_argument("--format", default="onnx", choices=["onnx", "torchscript"])
     p.add_argument("--graph", default="e2e", choices=["e2e", "raw", "both"],

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Fit a config's priors (anchor scales per level, shared aspect ratios) to a training set's boxes
+r"""Fit a config's priors (anchor scales per level, shared aspect ratios) to a training set's boxes
 and print the config lines to use, with the coverage before and after (yolact_d2/prior_fit.py).
 
     python tools/fit_priors.py --config-file configs/pennfudan/yolact_R_18_FPN_320.yaml
@@ -14,6 +14,7 @@ import argparse
 import time
 
 from yolact_d2.config import load_config
+from yolact_d2.console import HelpFormatter
 from yolact_d2.data.custom import apply_coco_json_datasets
 from yolact_d2.diagnostics import format_coverage
 from yolact_d2.errors import run_main
@@ -21,7 +22,7 @@ from yolact_d2.prior_fit import config_lines, fit_priors_to_dataset, training_da
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--config-file", required=True)
     parser.add_argument("--train-json", help="COCO instances JSON to fit to (sets DATASETS.TRAIN_JSON)")
     parser.add_argument("--train-images", help="its image folder (DATASETS.TRAIN_IMAGES)")

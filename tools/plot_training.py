@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Loss curves of one or more detectron2 training runs (their ``metrics.json``) in one PNG.
+r"""Loss curves of one or more detectron2 training runs (their ``metrics.json``) in one PNG.
 
     python tools/plot_training.py output/runs/a/metrics.json output/runs/b/metrics.json \
         --labels a b --output docs/training/a_vs_b.png

@@ -18,6 +18,8 @@ import time
 import numpy as np
 import torch
 
+from yolact_d2.console import HelpFormatter
+
 
 def measure(config_file: str, opts=(), warmup: int = 2, repeat: int = 6) -> dict:
     """Medians of ``repeat`` steps with and ``repeat`` without the diagnostics (after ``warmup``
@@ -77,8 +79,8 @@ def measure(config_file: str, opts=(), warmup: int = 2, repeat: int = 6) -> dict
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=HelpFormatter)
     p.add_argument("--config-file", required=True, help="a YOLACT config (path or model_zoo:NAME)")
     p.add_argument("--opts", nargs="*", default=[], help="KEY VALUE config overrides")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps")

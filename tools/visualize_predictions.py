@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""One PNG of a trained model's predictions on the first photos of a registered dataset.
+r"""One PNG of a trained model's predictions on the first photos of a registered dataset.
 
     python tools/visualize_predictions.py --config-file configs/pennfudan/yolact_R_18_FPN_320.yaml \
         --weights output/pennfudan/yolact_R_18_FPN_320/model_final.pth --num-images 4 \
@@ -12,10 +12,11 @@ dataset's class names, one tile per photo, tiles side by side.
 import argparse
 from pathlib import Path
 
+from yolact_d2.console import HelpFormatter
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--config-file", required=True)
     parser.add_argument("--weights", required=True)
     parser.add_argument("--dataset", default=None, help="registered dataset (default: the config's DATASETS.TEST[0])")

@@ -35,7 +35,7 @@ class YolactFPN(Backbone):
     ``MODEL.FPN.NORM``) inside the lateral and output convs, which then have no bias, as
     detectron2's FPN; ``output_relu=False`` drops the ReLU on P3-P5 (original
     ``fpn.relu_pred_layers``). Both keep P3-P7 alive when training from scratch, where the plain
-    ReLUs die (docs/training.md).
+    ReLUs die (docs/small_data_recipe.md).
 
     ``forward(x)`` takes normalised images (N, 3, H, W) and returns ``{"p3": (N, 256, H/8, W/8),
     ..., "p7": (N, 256, H/128, W/128)}`` (sizes rounded up by each stride-2 conv).

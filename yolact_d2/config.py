@@ -49,7 +49,7 @@ def add_yolact_config(cfg):
     # Norm of the protonet's 3x3 convs (not its final 1x1): "" or any detectron2 get_norm name.
     _C.MODEL.YOLACT.PROTONET_NORM = ""
     # ReLU after the FPN's P3-P5 output convs (original fpn.relu_pred_layers). From scratch without
-    # a norm these ReLUs die and P3-P7 become constant (docs/training.md).
+    # a norm these ReLUs die and P3-P7 become constant (docs/small_data_recipe.md).
     _C.MODEL.YOLACT.FPN_OUTPUT_RELU = True
     # Activation of the prototypes (original mask_proto_prototype_activation): "relu" or "none".
     _C.MODEL.YOLACT.PROTOTYPE_ACTIVATION = "relu"
@@ -138,7 +138,7 @@ def add_yolact_config(cfg):
     _C.MODEL.YOLACT.DIAGNOSTICS.FORCED_ONLY_WARN = 0.5
     # Warn at start when the ResNet's trainable BatchNorm ("BN") sees fewer images per GPU than this
     # (the original froze BN below 6). The small-data recipe sets 4: from scratch at batch 4 its BN
-    # trained better than GroupNorm at 200 iterations (docs/training.md, issue 27).
+    # trained better than GroupNorm at 200 iterations (docs/small_data_recipe.md, issue 27).
     _C.MODEL.YOLACT.DIAGNOSTICS.MIN_BN_IMAGES = 6
 
     # Your own COCO-format dataset without Python (yolact_d2/data/custom.py; train_net.py's

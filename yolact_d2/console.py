@@ -12,6 +12,7 @@ does):
   ``torch.utils.benchmark``) logs "No CUDA runtime is found, using CUDA_HOME=..." on every CPU
   machine; its logger is raised to ERROR.
 """
+import argparse
 import contextlib
 import io
 import logging
@@ -19,7 +20,7 @@ import re
 import warnings
 from typing import Dict, Iterator, Optional, Sequence
 
-__all__ = ["plain_files_and_pipes", "prints_to_log", "quiet_console", "QUIET_CONSOLE"]
+__all__ = ["HelpFormatter", "plain_files_and_pipes", "prints_to_log", "quiet_console", "QUIET_CONSOLE"]
 
 warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning,
                         module=r"torch\.jit\._script")
@@ -40,6 +41,11 @@ QUIET_CONSOLE: Dict[str, Optional[str]] = {
     "detectron2.utils.events": None,       # the iteration lines
     "detectron2.evaluation.coco_evaluation": "Evaluation results for",  # one AP table per task
 }
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` of every entry point: the description and examples as written (line breaks and
+    ``\\`` continuations kept), and each option's default after its help."""
 
 
 class _PlainFormatter(logging.Formatter):

@@ -1,6 +1,6 @@
 """Diagnostics of YOLACT training: a collapse named while it happens, prior coverage before it starts.
 
-YOLACT trained from scratch can collapse silently (docs/training.md): the FPN's output ReLUs die,
+YOLACT trained from scratch can collapse silently (docs/small_data_recipe.md): the FPN's output ReLUs die,
 P3-P5 become zero on every pixel, P6/P7 constants, the prototypes die with P3, and every photo gets
 the same detections; or most objects have no prior at the positive IoU threshold and train only
 their forced best-prior match. Neither shows in the losses until the run ends at AP 0.

@@ -28,7 +28,7 @@ from detectron2.utils.logger import setup_logger
 
 from .checkpoint import CHECKPOINT_METADATA_KEY, TrainingMetadata, load_for_evaluation
 from .config import load_config
-from .console import plain_files_and_pipes, quiet_console
+from .console import HelpFormatter, plain_files_and_pipes, quiet_console
 from .data import YolactDatasetMapper
 from .data.custom import apply_coco_json_datasets
 from .data.dataset_check import check_datasets
@@ -270,7 +270,7 @@ def argument_parser(description: Optional[str] = None, epilog: Optional[str] = N
     and ``--exported``; ``description`` / ``epilog`` shown by ``--help`` as written."""
     parser = default_argument_parser(epilog)
     parser.description = description
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.formatter_class = HelpFormatter
     parser.add_argument("--train-json", help="COCO instances JSON to train on (sets DATASETS.TRAIN_JSON)")
     parser.add_argument("--train-images", help="its image folder (DATASETS.TRAIN_IMAGES)")
     parser.add_argument("--val-json", help="COCO instances JSON to evaluate on (DATASETS.TEST_JSON)")
