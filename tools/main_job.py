@@ -117,6 +117,7 @@ def main(argv=None):
     with prints_to_log() if not args.verbose else contextlib.nullcontext():  # pycocotools' prints go to log.txt
         trainer.train()  # ends with the one evaluation (detectron2's EvalHook)
     results = trainer._last_eval_results
+    # After the loop: the last step's hooks (model_final.pth) and the one evaluation.
     eval_s = time.perf_counter() - start - setup_s - trainer.training_seconds
     # One picture per photo: ground truth beside the predictions at the threshold, by detectron2's Visualizer.
     model = trainer.model.eval()
@@ -140,7 +141,7 @@ def main(argv=None):
     (out / "main_job_summary.json").write_text(json.dumps(summary, indent=2))
     segm, bbox = results.get("segm", {}), results.get("bbox", {})
     print(f"\nmain job done: {trainer.training_seconds / 60:.1f} min of training on {cfg.MODEL.DEVICE} "
-          f"(set-up {setup_s:.0f} s and the evaluation {eval_s:.0f} s not counted)")
+          f"(set-up {setup_s:.0f} s, and the final save and evaluation {eval_s:.0f} s, not counted)")
     print(f"training-set fit: mask AP {segm.get('AP', float('nan')):.1f}, mask AP50 {segm.get('AP50', float('nan')):.1f}, "
           f"box AP {bbox.get('AP', float('nan')):.1f}, box AP50 {bbox.get('AP50', float('nan')):.1f}")
     print(f"model:        {out / 'model_final.pth'}")
