@@ -597,8 +597,10 @@ def test_benchmark_times_the_exported_graph_beside_eager(onnx_files, int8_file, 
     kernels = exported["graph_stages"]["kernel_ms_per_image"]
     assert set(kernels) == {"/backbone/bottom_up", "/backbone/", "/head/", "/protonet/", ""}
     assert all(v > 0 for v in kernels.values())  # every stage found by its node names
-    # Kernel time of a profiled run cannot much exceed the wall time of the (unprofiled) graph runs.
-    assert sum(kernels.values()) <= 1.8 * exported["stages"]["graph"]["median_ms"]
+    # The kernels run one after another inside the profiled run, so their sum fits in its wall time
+    # (a comparison with the unprofiled runs' median would be a timing test: CI saw 2.4x under load).
+    profiled = exported["graph_stages"]["profiled_run_ms_per_image"]
+    assert 0.3 * profiled <= sum(kernels.values()) <= profiled
     assert data["exported"][0]["sentence"] in run.stdout
     int8 = data["models"][2]
     assert int8["exported_file"] == int8_file and len({m["label"] for m in data["models"]}) == 3
