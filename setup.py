@@ -7,5 +7,6 @@ setup(
     packages=find_packages(include=["yolact_d2", "yolact_d2.*"]),
     python_requires=">=3.9",
     # detectron2 itself is installed by scripts/install.sh (it has no PyPI release of its own name).
-    install_requires=["torch>=2.0", "torchvision", "pycocotools", "opencv-python-headless", "numpy"],
+    # torch 2.4: torch.load(weights_only=True) with the allow-list API the safe loader relies on.
+    install_requires=["torch>=2.4", "torchvision", "pycocotools", "opencv-python-headless", "numpy"],
 )

@@ -19,12 +19,12 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 
 from yolact_d2.config import load_config  # noqa: E402
 from yolact_d2.console import HelpFormatter  # noqa: E402
 from yolact_d2.checkpoint import adopt_checkpoint_metadata, checkpoint_metadata  # noqa: E402
+from yolact_d2.checkpointer import load_weights  # noqa: E402
 from yolact_d2.errors import MissingFileError, run_main  # noqa: E402
 from yolact_d2.export import DEFAULT_OPSET, DEFORM_CONV_OPSET, ExportError, export_model, quantize_onnx  # noqa: E402
 from yolact_d2.predictor import check_class_names, resolve_metadata  # noqa: E402
@@ -60,9 +60,7 @@ def load_model(cfg):
     model = build_model(cfg)
     meta = {}
     if cfg.MODEL.WEIGHTS:
-        if "://" not in cfg.MODEL.WEIGHTS and not os.path.isfile(cfg.MODEL.WEIGHTS):
-            raise MissingFileError(f"MODEL.WEIGHTS file {cfg.MODEL.WEIGHTS} not found")
-        meta = checkpoint_metadata(DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS))
+        meta = checkpoint_metadata(load_weights(model, cfg.MODEL.WEIGHTS).extra)
     else:
         logging.getLogger("yolact_d2").warning("MODEL.WEIGHTS is empty: exporting random weights")
     return model.eval(), meta

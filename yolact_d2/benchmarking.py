@@ -671,9 +671,9 @@ def load_model(spec: str, opts: Sequence[str] = (), weights: Optional[str] = Non
         dict with ``cfg``, ``model``, ``is_yolact``, ``config`` (display name), ``config_path``,
         ``opts``, ``weights`` (path or "random init"), ``arch``, ``weights_mb``.
     """
-    from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.modeling import build_model
 
+    from .checkpointer import load_weights
     from .config import load_config, merge_opts
 
     path, display = resolve_config(spec)
@@ -688,7 +688,7 @@ def load_model(spec: str, opts: Sequence[str] = (), weights: Optional[str] = Non
     torch.manual_seed(seed)
     model = build_model(cfg)
     if weights:
-        DetectionCheckpointer(model).load(weights)
+        load_weights(model, weights)
     model.eval()
     n_bytes = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
     return {"cfg": cfg, "model": model, "is_yolact": is_yolact, "config": display, "config_path": path,

@@ -445,24 +445,23 @@ def check_checkpoint_classes(meta: Dict, dataset_names, source: str) -> None:
 
 def load_for_evaluation(model, cfg, weights: str, save_dir: str = "", resume: bool = False):
     """Load ``weights`` into ``model`` for evaluation on ``cfg.DATASETS.TEST``, as
-    ``train_net.py --eval-only`` does: detectron2's ``DetectionCheckpointer.resume_or_load`` (with
-    ``resume`` the last checkpoint of ``save_dir`` wins), then the names and input format stored in
-    the checkpoint (:func:`checkpoint_metadata`, :func:`adopt_checkpoint_metadata`: input format and
-    priors, :func:`check_checkpoint_classes`).
+    ``train_net.py --eval-only`` does: :func:`yolact_d2.checkpointer.load_weights` (safe and strict;
+    with ``resume`` the last checkpoint of ``save_dir`` wins), then the names and input format stored
+    in the checkpoint (:func:`checkpoint_metadata`, :func:`adopt_checkpoint_metadata`: input format
+    and priors, :func:`check_checkpoint_classes`).
 
     Returns:
         ``cfg``, or a copy with the checkpoint's input format, normalisation and priors.
     Raises:
-        What loading raises (CheckpointLayoutError, ...); DatasetError: a TEST set of another class
-            count than the checkpoint's.
+        What loading raises (CheckpointLayoutError, UnsafeCheckpointError, ...); DatasetError: a
+            TEST set of another class count than the checkpoint's.
     """
-    from detectron2.checkpoint import DetectionCheckpointer
+    from .checkpointer import load_weights
 
-    source = weights or "the checkpoint"
-    checkpointer = DetectionCheckpointer(model, save_dir=save_dir)
-    loaded = bool(weights) or (resume and checkpointer.has_checkpoint())
-    meta = checkpoint_metadata(checkpointer.resume_or_load(weights, resume=resume))
-    if loaded:  # random weights have no priors to adopt
+    loaded = load_weights(model, weights, save_dir=save_dir, resume=resume)
+    source = loaded.path or "the checkpoint"
+    meta = checkpoint_metadata(loaded.extra)
+    if loaded.path:  # random weights have no priors to adopt
         cfg = adopt_checkpoint_metadata(cfg, model, meta, source)
     check_checkpoint_classes(meta, cfg.DATASETS.TEST, source)
     return cfg

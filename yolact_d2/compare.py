@@ -74,11 +74,13 @@ def resolve_weights(weights: str) -> str:
 
 def checkpoint_iterations(path: str) -> Optional[int]:
     """Iterations a detectron2 training checkpoint was saved after (its ``iteration`` + 1), or None."""
-    import torch
+    from .checkpointer import UnreadableCheckpointError, read_checkpoint
 
+    if path.endswith(".pkl"):  # a converted model-zoo file: the count is unknown
+        return None
     try:
-        ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
-    except Exception:  # not a torch zip file (e.g. a converted .pkl): the count is unknown
+        ckpt = read_checkpoint(path)
+    except UnreadableCheckpointError:  # the weights' own load reports it
         return None
     it = ckpt.get("iteration") if isinstance(ckpt, dict) else None
     return int(it) + 1 if it is not None else None

@@ -161,6 +161,11 @@ def add_yolact_config(cfg):
     # Decode every pixel of every image (finds corruption inside a file; slower first check).
     _C.DATASETS.CHECK.FULL_DECODE = False
 
+    # Periodic checkpoints (model_XXXXXXX.pth, every SOLVER.CHECKPOINT_PERIOD) kept in OUTPUT_DIR,
+    # the newest ones, counting those of an earlier run that --resume continues; 0 keeps all, as
+    # detectron2 does. model_final.pth is never deleted (yolact_d2/checkpointer.py).
+    _C.SOLVER.CHECKPOINTS_TO_KEEP = 0
+
     # SSD-style training augmentation (original utils/augmentations.py SSDAugmentation).
     _C.INPUT.SSD = CN()
     _C.INPUT.SSD.ENABLED = True

@@ -78,11 +78,25 @@ def _console_handlers(logger: logging.Logger) -> Iterator[logging.StreamHandler]
 def plain_files_and_pipes(loggers: Sequence[str] = LOGGERS) -> None:
     """Strip colour codes from every handler of ``loggers`` whose stream is not a terminal
     (``OUTPUT_DIR/log.txt`` and a redirected console), after detectron2's ``setup_logger`` /
-    ``default_setup`` made them. Idempotent."""
+    ``default_setup`` made them, and keep the tracebacks of a user's mistake (a
+    :class:`~yolact_d2.errors.YolactUserError`) off the console (log.txt keeps them). Idempotent."""
     for name in loggers:
         for h in logging.getLogger(name).handlers:
             if not _is_terminal(h) and h.formatter is not None and not isinstance(h.formatter, _PlainFormatter):
                 h.setFormatter(_PlainFormatter(h.formatter))
+        for h in _console_handlers(logging.getLogger(name)):
+            if not any(isinstance(f, _NoUserErrorTraceback) for f in h.filters):
+                h.addFilter(_NoUserErrorTraceback())
+
+
+class _NoUserErrorTraceback(logging.Filter):
+    """Drops, on the console, the record of a user's mistake that came with its traceback
+    (detectron2's "Exception during training:"): the entry point prints it as one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from .errors import YolactUserError
+
+        return not (record.exc_info and isinstance(record.exc_info[1], YolactUserError))
 
 
 class _QuietFilter(logging.Filter):

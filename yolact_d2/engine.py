@@ -21,12 +21,13 @@ from typing import Callable, Optional
 
 from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_train_loader, get_detection_dataset_dicts
 from detectron2.data.build import filter_images_with_only_crowd_annotations
-from detectron2.engine import DefaultTrainer, HookBase, default_argument_parser, default_setup
+from detectron2.engine import DefaultTrainer, HookBase, default_argument_parser, default_setup, hooks
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from .checkpoint import CHECKPOINT_METADATA_KEY, TrainingMetadata, load_for_evaluation
+from .checkpointer import TRAINING_MIN_SHARE, PeriodicCheckpointer, YolactCheckpointer
 from .config import load_config
 from .console import HelpFormatter, plain_files_and_pipes, quiet_console
 from .data import YolactDatasetMapper
@@ -125,8 +126,27 @@ class Trainer(DefaultTrainer):
         self.checkpointer.add_checkpointable(CHECKPOINT_METADATA_KEY, TrainingMetadata(cfg))
 
     def build_hooks(self):
+        # DefaultTrainer.__init__ builds detectron2's checkpointer and then calls this: the hooks
+        # built below (periodic saves, model_final.pth) and resume use the safe one.
+        self.checkpointer = YolactCheckpointer.replacing(self.checkpointer)
+        keep = self.cfg.SOLVER.CHECKPOINTS_TO_KEEP or None
+        built = [
+            PeriodicCheckpointer(self.checkpointer, self.cfg.SOLVER.CHECKPOINT_PERIOD, max_to_keep=keep)
+            if isinstance(h, hooks.PeriodicCheckpointer) else h
+            for h in super().build_hooks()
+        ]
         # First, so its after_step comes before the other hooks' work of the last step.
-        return [TrainingClock()] + super().build_hooks()
+        return [TrainingClock()] + built
+
+    def resume_or_load(self, resume: bool = True):
+        """detectron2's, refusing ``MODEL.WEIGHTS`` that fills less than
+        :data:`~yolact_d2.checkpointer.TRAINING_MIN_SHARE` of the model (an ImageNet backbone is
+        enough; a checkpoint of another model is not)."""
+        resumed = resume and self.checkpointer.has_checkpoint()
+        path = self.checkpointer.get_checkpoint_file() if resumed else self.cfg.MODEL.WEIGHTS
+        super().resume_or_load(resume=resume)
+        if path:
+            self.checkpointer.check_match(path, TRAINING_MIN_SHARE)
 
     @classmethod
     def build_train_loader(cls, cfg):
@@ -256,13 +276,12 @@ def main(args):
         else:
             trainer = Trainer(cfg)  # builds the model, the optimizer and the data loader
             trainer.resume_or_load(resume=args.resume)
+            return trainer.train()  # a full disk while saving ends here too (DiskFullError)
     except YolactUserError as e:
         raise SystemExit("error: " + " ".join(str(e).split())) from None
-    if args.eval_only:
-        res = Trainer.test(cfg, model)
-        verify_results(cfg, res)
-        return res
-    return trainer.train()
+    res = Trainer.test(cfg, model)
+    verify_results(cfg, res)
+    return res
 
 
 def argument_parser(description: Optional[str] = None, epilog: Optional[str] = None) -> argparse.ArgumentParser:

@@ -15,14 +15,11 @@ Example::
     instances = predictor(cv2.imread("input.jpg"))["instances"]
 """
 import logging
-import os
 from typing import Dict, List, Optional, Sequence
-from urllib.parse import urlparse
 
 import numpy as np
 import torch
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import MetadataCatalog
 from detectron2.data.catalog import Metadata
 from detectron2.data.datasets.builtin_meta import _get_builtin_metadata
@@ -30,47 +27,15 @@ from detectron2.data import transforms as T
 from detectron2.modeling import build_model
 from detectron2.structures import Instances
 
-from .checkpoint import CheckpointLayoutError, adopt_checkpoint_metadata, checkpoint_metadata
+from .checkpoint import adopt_checkpoint_metadata, checkpoint_metadata
+from .checkpointer import load_weights
 from .data.datasets import register_builtin_datasets
 from .device import resolve_device
-from .errors import ConfigError, MissingFileError
+from .errors import ConfigError
 
 __all__ = ["YolactPredictor", "resolve_metadata", "check_class_names"]
 
 logger = logging.getLogger(__name__)
-
-# Model entries a checkpoint may lack without harming inference: BatchNorm step counters (never
-# read in eval mode) and the auxiliary semantic-segmentation head (used by the training loss only).
-_OPTIONAL_SUFFIXES = ("num_batches_tracked",)
-_OPTIONAL_PREFIXES = ("sem_seg_head.",)
-
-
-class _UnreadableCheckpoint(Exception):
-    """The file could not be read as a checkpoint at all (raised inside the checkpointer)."""
-
-
-class _RecordingCheckpointer(DetectionCheckpointer):
-    """A ``DetectionCheckpointer`` that keeps the incompatible keys of its last load.
-
-    fvcore's ``Checkpointer.load`` only logs them; the predictor needs them to refuse a
-    checkpoint that leaves part of the model at its random initialisation. It also tells a file
-    that cannot be read apart from one that does not fit the model.
-    """
-
-    incompatible = None
-
-    def _load_file(self, filename):
-        try:
-            return super()._load_file(filename)
-        except OSError:
-            raise  # permissions, network: not a property of the file's contents
-        except Exception as e:  # torch.load / pickle raise many types for a file that is no checkpoint
-            raise _UnreadableCheckpoint(f"{type(e).__name__}: {_one_line(e, 150)}") from e
-
-    def _load_model(self, checkpoint):
-        self.incompatible = super()._load_model(checkpoint)
-        return self.incompatible
-
 
 def _one_line(text: str, limit: int = 300) -> str:
     """First line of ``text``, cut to ``limit`` characters (for error messages of one line)."""
@@ -197,8 +162,10 @@ class YolactPredictor:
         DeviceUnavailableError: an explicit CUDA ``device`` without a GPU.
         CheckpointLayoutError: the file is not a readable checkpoint, its tensors do not fit the
             model's shapes, or it leaves model parameters missing; the one-line message names
-            the file and how many parameters were missing, or its stored priors are another count
+            the file and how many parameters it filled, or its stored priors are another count
             per location (:func:`yolact_d2.checkpoint.adopt_priors`).
+        UnsafeCheckpointError: the file asks to run code when unpickled
+            (:func:`yolact_d2.checkpointer.read_checkpoint`).
         ConfigError: ``INPUT.FORMAT`` is neither "RGB" nor "BGR", or an invalid model config.
     """
 
@@ -223,51 +190,15 @@ class YolactPredictor:
         self.aug = T.ResizeShortestEdge([min_size, min_size], self.cfg.INPUT.MAX_SIZE_TEST) if min_size > 0 else None
 
     def _load_weights(self, path: str) -> Dict:
-        """Load ``path`` into the model; returns the checkpoint's other keys (``Checkpointer.load``)."""
+        """Load ``path`` into the model, strictly (:func:`yolact_d2.checkpointer.load_weights`);
+        returns the checkpoint's other keys (``Checkpointer.load``)."""
         if not path:
             logger.warning(
                 "MODEL.WEIGHTS is empty: the model keeps its random initialisation and its "
                 "predictions are meaningless (set MODEL.WEIGHTS to a YOLACT checkpoint)"
             )
             return {}
-        parsed = urlparse(path)
-        if not parsed.scheme and not os.path.isfile(parsed._replace(query="").geturl()):
-            raise MissingFileError(f"MODEL.WEIGHTS file {path} not found")
-
-        checkpointer = _RecordingCheckpointer(self.model)
-        fix = "use a YOLACT checkpoint made for this config (ResNet depth, NUM_CLASSES, YOLACT vs YOLACT++)"
-        try:
-            extra = checkpointer.load(path)
-        except _UnreadableCheckpoint as e:
-            raise CheckpointLayoutError(f"{path} is not a readable model checkpoint ({e})") from e
-        except CheckpointLayoutError as e:
-            raise CheckpointLayoutError(f"{path}: {_one_line(e)}") from e
-        except OSError:
-            raise
-        except Exception as e:  # e.g. a tensor the layout conversion cannot reshape
-            raise CheckpointLayoutError(
-                f"{path} cannot be loaded into this model ({type(e).__name__}: {_one_line(e, 150)}); {fix}"
-            ) from e
-
-        incompatible = checkpointer.incompatible
-        if incompatible is None:
-            return extra
-        missing = [
-            k for k in incompatible.missing_keys
-            if not k.endswith(_OPTIONAL_SUFFIXES) and not k.startswith(_OPTIONAL_PREFIXES)
-        ]
-        if missing:
-            total = sum(
-                1 for k in self.model.state_dict()
-                if not k.endswith(_OPTIONAL_SUFFIXES) and not k.startswith(_OPTIONAL_PREFIXES)
-            )
-            shapes = len(incompatible.incorrect_shapes)
-            shape_note = f", {shapes} of them with another shape in the file" if shapes else ""
-            raise CheckpointLayoutError(
-                f"{path} does not fit this YOLACT model: {len(missing)} of {total} model parameters "
-                f"missing from it{shape_note} (e.g. {', '.join(missing[:3])}); {fix}"
-            )
-        return extra
+        return load_weights(self.model, path).extra
 
     def _prepare(self, image: np.ndarray) -> Dict:
         image = _as_bgr(image)

@@ -10,6 +10,10 @@ behaves as a model, so ``inference_on_dataset`` and the COCO evaluator run on it
 Runtimes: "onnxruntime" (CPU execution provider) or "openvino" (CPU plugin) for ``.onnx`` files
 and "torchscript" for ``.ts`` / ``.pt`` files. The class names, input format and thresholds come from the file itself.
 
+A TorchScript file is a program: opening one runs its code, by design (not so ``.onnx``, which
+holds operators only). Open only ``.ts`` files you made or trust; weights files, by contrast, are
+read without running code (:mod:`yolact_d2.checkpointer`).
+
 Precision: every runtime computes in float32 by default (an int8 file runs its quantized convs in
 int8 and the rest in float32). OpenVINO's CPU plugin would otherwise pick bfloat16 by itself on
 CPUs with AVX-512 BF16 or AMX, and so give other detections on other machines; ``precision="bf16"``
@@ -136,7 +140,8 @@ class ExportedPredictor:
     """Detections from an exported end-to-end graph, as detectron2 ``Instances``.
 
     Args:
-        path: a ``.onnx`` or ``.ts`` file written by ``tools/export_model.py --graph e2e``.
+        path: a ``.onnx`` or ``.ts`` file written by ``tools/export_model.py --graph e2e`` (a
+            ``.ts`` file is a program: opening it runs its code, so open only your own or trusted ones).
         threads: intra-op threads of the runtime (onnxruntime ``intra_op_num_threads``,
             OpenVINO ``INFERENCE_NUM_THREADS``; TorchScript has only torch's process-wide pool,
             so its count is set for each call and the caller's restored after); None keeps the
