@@ -117,7 +117,8 @@ def read_checkpoint(path: str):
     Raises:
         UnsafeCheckpointError: the file asks for another global (named in the message).
         UnreadableCheckpointError: the file is no checkpoint (truncated, random bytes).
-        OSError: the file cannot be opened (missing, permissions).
+        OSError: the file cannot be opened (missing, permissions); once open, every failure is
+            the contents' (UnreadableCheckpointError).
     """
     with open(path, "rb") as f:
         try:
@@ -131,9 +132,7 @@ def read_checkpoint(path: str):
             if found and "weights only" in str(e).lower():
                 raise _refused(path, found.group(1)) from None
             raise _unreadable(path, e) from None
-        except OSError:
-            raise
-        except Exception as e:  # zip reader, pickle and numpy raise many types for a broken file
+        except Exception as e:  # zip reader (OSError too), pickle and numpy raise many types for a broken file
             raise _unreadable(path, e) from None
 
 
@@ -155,6 +154,9 @@ class _AtomicFile:
         self.path = path
         self.folder = os.path.dirname(os.path.abspath(path))
         fd, self.tmp = tempfile.mkstemp(prefix=self.PREFIX + os.path.basename(path) + ".", dir=self.folder)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(self.tmp, 0o666 & ~umask)  # as open() would create it (mkstemp makes it 0600)
         self.file = os.fdopen(fd, mode)
 
     def __enter__(self):
