@@ -313,50 +313,63 @@ def _one_image_json(folder: Path) -> list:
     return ["--train-json", str(folder / "one.json"), "--train-images", str(DATA / "pennfudan" / "images")]
 
 
+def test_a_kill_mid_save_leaves_only_complete_files(tmp_path):
+    """A process killed (os._exit: no clean-up, no finally) halfway through writing its second
+    checkpoint leaves the first complete and named by last_checkpoint, and the half-written data
+    only under a temporary name."""
+    code = textwrap.dedent(f"""
+        import os, torch
+        from yolact_d2.checkpointer import YolactCheckpointer
+        saver = YolactCheckpointer(torch.nn.Linear(300, 300), {str(tmp_path)!r})
+        saver.save("model_0000001", iteration=1)
+        real = torch.save
+        def save(obj, f, *a, **k):
+            real(obj, f, *a, **k)
+            f.flush(); f.truncate(f.tell() // 2); f.flush()
+            os._exit(137)
+        torch.save = save
+        saver.save("model_0000003", iteration=3)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 137, proc.stderr[-3000:]
+    names = sorted(os.listdir(tmp_path))
+    assert [n for n in names if not n.startswith(".")] == ["last_checkpoint", "model_0000001.pth"]
+    assert len(names) == 3 and names[0].startswith(".incomplete-model_0000003.pth.")
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0000001.pth"
+    assert read_checkpoint(str(tmp_path / "model_0000001.pth"))["iteration"] == 1
+
+
 @pytest.mark.slow
-def test_resume_after_a_kill_mid_save_repeats_the_uninterrupted_run(tmp_path):
-    """A run killed (os._exit, no clean-up) halfway through writing its second checkpoint leaves only
-    complete files under checkpoint names; --resume continues from the first at the right iteration
-    and learning rate, and ends with weights bit-identical to a run left alone. With
-    SOLVER.CHECKPOINTS_TO_KEEP 1 both runs end with the newest periodic file and model_final.pth."""
+def test_resume_from_the_last_complete_checkpoint_repeats_the_run_left_alone(tmp_path):
+    """--resume in a folder holding the first periodic checkpoint and what a killed save leaves (a
+    temporary file) continues at the right iteration and learning rate and ends with weights
+    bit-identical to the run left alone; the temporary file is removed; with
+    SOLVER.CHECKPOINTS_TO_KEEP 1 the older periodic file is deleted, the one of the earlier run
+    counted, and the last iteration writes model_final.pth alone."""
+    import shutil
+
     data = _one_image_json(tmp_path)
     args = ["--config-file", RECIPE, *data, *TINY, "SOLVER.MAX_ITER", "6", "SOLVER.CHECKPOINT_PERIOD", "2",
-            "SOLVER.STEPS", "(3,)", "SOLVER.WARMUP_ITERS", "0", "SOLVER.CHECKPOINTS_TO_KEEP", "1",
-            "INPUT.SSD.ENABLED", "False", "INPUT.RANDOM_FLIP", "none", "SEED", "1"]
-    killed, alone = tmp_path / "killed", tmp_path / "alone"
-    code = textwrap.dedent(f"""
-        import os, runpy, sys, torch
-        real, calls = torch.save, [0]
-        def save(obj, f, *a, **k):
-            calls[0] += 1
-            real(obj, f, *a, **k)
-            if calls[0] == 2:  # the second checkpoint, half written
-                f.flush(); f.truncate(f.tell() // 2); f.flush()
-                os._exit(137)
-        torch.save = save
-        sys.argv = ["train_net.py", *{args!r}, "OUTPUT_DIR", {str(killed)!r}]
-        runpy.run_path({str(REPO / "train_net.py")!r}, run_name="__main__")
-    """)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=600)
-    assert proc.returncode == 137, proc.stderr[-3000:]
-    names = sorted(os.listdir(killed))
-    assert [n for n in names if n.endswith(".pth")] == ["model_0000001.pth"]
-    assert any(n.startswith(".incomplete-model_0000003.pth") for n in names)  # what the kill left, unnamed
-    assert (killed / "last_checkpoint").read_text() == "model_0000001.pth"
-
-    resumed = run_script_in_process(REPO / "train_net.py", ["--resume", *args, "OUTPUT_DIR", str(killed)], cwd=REPO)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "Starting training from iteration 2" in (killed / "log.txt").read_text()
+            "SOLVER.STEPS", "(3,)", "SOLVER.WARMUP_ITERS", "0", "INPUT.SSD.ENABLED", "False",
+            "INPUT.RANDOM_FLIP", "none", "SEED", "1"]
+    alone, resumed = tmp_path / "alone", tmp_path / "resumed"
     whole = run_script_in_process(REPO / "train_net.py", [*args, "OUTPUT_DIR", str(alone)], cwd=REPO)
     assert whole.returncode == 0, whole.stderr[-3000:]
-    for out in (killed, alone):
-        assert sorted(n for n in os.listdir(out) if n.endswith(".pth") or n.startswith(".")) == \
-            ["model_0000003.pth", "model_final.pth"]
-    a, b = (read_checkpoint(str(out / "model_final.pth")) for out in (killed, alone))
+    resumed.mkdir()
+    shutil.copy(alone / "model_0000001.pth", resumed)
+    (resumed / "last_checkpoint").write_text("model_0000001.pth")
+    (resumed / ".incomplete-model_0000003.pth.x1y2").write_bytes(b"half a checkpoint")
+    run = run_script_in_process(REPO / "train_net.py", ["--resume", *args, "SOLVER.CHECKPOINTS_TO_KEEP", "1",
+                                                        "OUTPUT_DIR", str(resumed)], cwd=REPO)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "Starting training from iteration 2" in (resumed / "log.txt").read_text()
+    assert sorted(n for n in os.listdir(resumed) if n.endswith(".pth") or n.startswith(".")) == \
+        ["model_0000003.pth", "model_final.pth"]
+    a, b = (read_checkpoint(str(out / "model_final.pth")) for out in (resumed, alone))
     assert a["iteration"] == b["iteration"] == 5
     # The step schedule went on from the checkpoint's place (lr after the drop at iteration 3).
     assert a["trainer"]["hooks"]["LRScheduler"] == b["trainer"]["hooks"]["LRScheduler"]
-    last_a, last_b = (json.loads((out / "metrics.json").read_text().splitlines()[-1]) for out in (killed, alone))
+    last_a, last_b = (json.loads((out / "metrics.json").read_text().splitlines()[-1]) for out in (resumed, alone))
     assert last_a["iteration"] == 5 and last_a["lr"] == last_b["lr"] == pytest.approx(0.001)
     # (Their logged losses are medians over each run's own history, 4 vs 6 iterations: the weights say more.)
     different = [k for k in a["model"] if not torch.equal(a["model"][k], b["model"][k])]
