@@ -11,7 +11,9 @@ grid and fall outside the map; a sigmoid mask):
 
 * ``torchvision``: ``torchvision.ops.deform_conv2d`` (MODEL.YOLACT.DEFORM_CONV_IMPL torchvision);
 * ``ours``: :func:`yolact_d2.deform_conv.deform_conv2d` on the CPU (``auto``), weight cache warm
-  as in a model;
+  as in a model, its GEMM through oneDNN;
+* ``ours, MKL GEMM``: the same with ``yolact_d2.deform_conv.ONEDNN_GEMM = False`` (``F.linear``),
+  the evidence for that switch;
 * ``plain 3x3 conv``: ``F.conv2d`` of the same shape, the cost a deformable conv cannot go below
   by much (same multiply-adds, no sampling);
 
@@ -35,7 +37,7 @@ from tabulate import tabulate
 from yolact_d2 import benchmarking as bm
 from yolact_d2.console import HelpFormatter
 
-IMPLS = ("torchvision", "ours", "plain 3x3 conv")
+IMPLS = ("torchvision", "ours", "ours, MKL GEMM", "plain 3x3 conv")
 
 
 def block_shapes(config_file: str, opts=()) -> List[Dict]:
@@ -73,6 +75,7 @@ def block_shapes(config_file: str, opts=()) -> List[Dict]:
 
 def time_shape(shape: Dict, threads: int, repeat: int, batch: int, seed: int = 0) -> Dict:
     """Interleaved medians of the three implementations on one shape at ``threads``."""
+    from yolact_d2 import deform_conv as dc
     from yolact_d2.deform_conv import ColumnWeightCache, deform_conv2d
 
     torch.set_num_threads(threads)
@@ -87,11 +90,20 @@ def time_shape(shape: Dict, threads: int, repeat: int, batch: int, seed: int = 0
     bias = torch.randn(co, generator=g)
     plain_weight = weight.contiguous(memory_format=torch.channels_last)
     cache = ColumnWeightCache()
+
+    def mkl_gemm():
+        dc.ONEDNN_GEMM = False
+        try:
+            return deform_conv2d(x, offset, weight, bias, stride=s, padding=p, dilation=d, mask=mask, weight_cache=cache)
+        finally:
+            dc.ONEDNN_GEMM = True
+
     calls = {
         "torchvision": lambda: torchvision.ops.deform_conv2d(x, offset, weight, bias, stride=s, padding=p,
                                                              dilation=d, mask=mask),
         "ours": lambda: deform_conv2d(x, offset, weight, bias, stride=s, padding=p, dilation=d, mask=mask,
                                       weight_cache=cache),
+        "ours, MKL GEMM": mkl_gemm,
         "plain 3x3 conv": lambda: F.conv2d(x, plain_weight, bias, stride=s, padding=p, dilation=d),
     }
     samples = {k: [] for k in calls}
@@ -109,6 +121,7 @@ def time_shape(shape: Dict, threads: int, repeat: int, batch: int, seed: int = 0
             "p90_ms": {k: 1e3 * float(np.percentile(v, 90)) for k, v in samples.items()},
             "ours_over_torchvision": medians["ours"] / medians["torchvision"],
             "ours_over_plain_conv": medians["ours"] / medians["plain 3x3 conv"],
+            "onednn_over_mkl_gemm": medians["ours"] / medians["ours, MKL GEMM"],
             "max_abs_difference": diff, "output_shape": [batch, co, ho, wo]}
 
 
@@ -145,22 +158,24 @@ def main(argv=None) -> Dict:
             for k in IMPLS:
                 total[k] += m[k] * len(shape["blocks"])
             rows.append((t, shape["name"], f"{shape['in_channels']}x{shape['height']}x{shape['width']}",
-                         len(shape["blocks"]), f"{m['torchvision']:.1f}", f"{m['ours']:.1f}", f"{m['plain 3x3 conv']:.1f}",
+                         len(shape["blocks"]), f"{m['torchvision']:.1f}", f"{m['ours']:.1f}", f"{m['ours, MKL GEMM']:.1f}",
+                         f"{m['plain 3x3 conv']:.1f}",
                          f"{r['ours_over_torchvision']:.2f}x", f"{r['max_abs_difference']:.1e}"))
-            print(f"  {t} thread(s) {shape['name']}: torchvision {m['torchvision']:.1f} ms, ours {m['ours']:.1f} ms, "
-                  f"plain conv {m['plain 3x3 conv']:.1f} ms", flush=True)
-        totals[str(t)] = {**{k: v for k, v in total.items()}, "ours_over_torchvision": total["ours"] / total["torchvision"],
-                          "ours_over_plain_conv": total["ours"] / total["plain 3x3 conv"]}
+            print(f"  {t} thread(s) {shape['name']}: " + ", ".join(f"{k} {m[k]:.1f} ms" for k in IMPLS), flush=True)
+        totals[str(t)] = {**total, "ours_over_torchvision": total["ours"] / total["torchvision"],
+                          "ours_over_plain_conv": total["ours"] / total["plain 3x3 conv"],
+                          "onednn_over_mkl_gemm": total["ours"] / total["ours, MKL GEMM"]}
         rows.append((t, "all deformable blocks (x count)", "", sum(len(s["blocks"]) for s in shapes),
-                     f"{total['torchvision']:.1f}", f"{total['ours']:.1f}", f"{total['plain 3x3 conv']:.1f}",
+                     f"{total['torchvision']:.1f}", f"{total['ours']:.1f}", f"{total['ours, MKL GEMM']:.1f}",
+                     f"{total['plain 3x3 conv']:.1f}",
                      f"{totals[str(t)]['ours_over_torchvision']:.2f}x", ""))
     meta["loadavg_end"] = list(os.getloadavg())
     print(f"\n{args.config_file}, batch {args.batch_size}, {args.repeat} interleaved calls each, "
           f"{meta['cpu_count']} CPUs ({meta['cpu_model']}), load average {meta['loadavg_start'][0]:.2f} at start, "
           f"{meta['loadavg_end'][0]:.2f} at end")
     print(tabulate(rows, headers=["threads", "deformable conv", "input CxHxW", "blocks", "torchvision ms", "ours ms",
-                                  "plain 3x3 ms", "ours / tv", "max |diff|"], disable_numparse=True,
-                   colalign=("right", "left", "left", "right", "right", "right", "right", "right", "right")))
+                                  "ours, MKL GEMM ms", "plain 3x3 ms", "ours / tv", "max |diff|"], disable_numparse=True,
+                   colalign=("right", "left", "left") + ("right",) * 7))
     out = {"meta": meta, "config": args.config_file, "opts": args.opts, "shapes": results, "totals_ms": totals}
     json_path = args.output_json or os.path.join("output", "benchmark", "deform_conv_ops.json")
     os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-__all__ = ["DEFORM_CONV_IMPLS", "deform_conv2d", "deformable_columns", "uses_cpu_path", "ColumnWeightCache"]
+__all__ = ["DEFORM_CONV_IMPLS", "ONEDNN_GEMM", "deform_conv2d", "deformable_columns", "uses_cpu_path", "ColumnWeightCache"]
 
 # Values of MODEL.YOLACT.DEFORM_CONV_IMPL (yolact_d2/config.py).
 DEFORM_CONV_IMPLS = ("auto", "torchvision")
@@ -188,8 +188,14 @@ def _column_weight(weight: torch.Tensor) -> torch.Tensor:
     return weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1).contiguous()
 
 
+# The no-grad GEMM through oneDNN's inner product (torch.ops.mkldnn._linear_pointwise) rather than
+# F.linear (MKL): 1.1-1.3x faster per deformable layer on this project's AMD EPYC
+# (tools/deform_conv_benchmark.py times both). False: always F.linear.
+ONEDNN_GEMM = True
+
+
 def _onednn_linear_available() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    return ONEDNN_GEMM and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
 class ColumnWeightCache:
@@ -234,7 +240,7 @@ def _cpu_deform_conv2d(input, offset, weight, bias, stride, padding, dilation, m
         e = min(n, s + chunk)
         cols = deformable_columns(input[s:e], offset[s:e], None if mask is None else mask[s:e],
                                   (kh, kw), stride, padding, dilation)
-        if onednn:  # oneDNN's inner product: faster than MKL's GEMM on this project's CPUs (benchmarks)
+        if onednn:  # oneDNN's inner product: faster than MKL's GEMM here (ONEDNN_GEMM)
             outs.append(torch.ops.mkldnn._linear_pointwise(cols, w2, bias, "none", [], ""))
         else:
             outs.append(F.linear(cols, w2, bias))
