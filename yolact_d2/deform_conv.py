@@ -159,9 +159,11 @@ def deformable_columns(
     ho, wo = offset.shape[-2:]
     taps, positions = kh * kw, ho * wo
     table = input.permute(0, 2, 3, 1).reshape(n * h * w, c)
-    grid = _grid(ho, wo, kh, kw, sh, sw, ph, pw, dh, dw, offset.dtype, offset.device)
-    offsets = offset.permute(0, 2, 3, 1).reshape(n, positions, taps, 2)
-    masks = None if mask is None else mask.permute(0, 2, 3, 1).reshape(n, positions, taps)
+    # Positions and weights in float32 at least (bfloat16 / half hold integers exactly only to 256 / 2048).
+    dtype = torch.float64 if offset.dtype == torch.float64 else torch.float32
+    grid = _grid(ho, wo, kh, kw, sh, sw, ph, pw, dh, dw, dtype, offset.device)
+    offsets = offset.permute(0, 2, 3, 1).reshape(n, positions, taps, 2).to(dtype)
+    masks = None if mask is None else mask.permute(0, 2, 3, 1).reshape(n, positions, taps).to(dtype)
     needs_graph = torch.is_grad_enabled() and (offset.requires_grad or (mask is not None and mask.requires_grad))
     if needs_graph:
         row_base = (torch.arange(n, device=input.device) * (h * w)).view(n, 1, 1, 1)
@@ -169,7 +171,7 @@ def deformable_columns(
         index, weights = index.view(-1, 4), weights.view(-1, 4)
     else:
         index = torch.empty(n * positions * taps, 4, dtype=torch.int64, device=input.device)
-        weights = torch.empty(n * positions * taps, 4, dtype=offset.dtype, device=input.device)
+        weights = torch.empty(n * positions * taps, 4, dtype=dtype, device=input.device)
         step = max(1, _GRAIN_SIZE // (4 * taps))  # positions per chunk
         for i in range(n):
             for s in range(0, positions, step):
@@ -207,21 +209,21 @@ class ColumnWeightCache:
     """
 
     def __init__(self):
-        self.key = None
-        self.value = None
+        self.entry = None  # (key, value), replaced as one object (threads may share a model)
 
     def get(self, weight: torch.Tensor) -> torch.Tensor:
         try:
             key = (weight.data_ptr(), weight._version, tuple(weight.shape), weight.dtype, weight.device)
         except RuntimeError:  # an inference tensor has no version counter: do not cache
             return _column_weight(weight.detach())
-        if key != self.key:
+        entry = self.entry
+        if entry is None or entry[0] != key:
             # A normal tensor even inside inference_mode, so that a later call with autograd on
             # (e.g. a frozen weight in training) may save it for backward.
             with torch.inference_mode(False), torch.no_grad():
-                self.value = _column_weight(weight.detach())
-            self.key = key
-        return self.value
+                entry = (key, _column_weight(weight.detach()))
+            self.entry = entry
+        return entry[1]
 
 
 def _cpu_deform_conv2d(input, offset, weight, bias, stride, padding, dilation, mask, weight_cache):
