@@ -79,6 +79,27 @@ def test_far_away_and_zero_offsets():
     assert torch.allclose(out, plain, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("kernel, stride, padding, dilation", [
+    ((3, 3), 1, 2, 2), ((1, 1), 1, 0, 1), ((3, 2), (2, 1), (1, 0), 1), ((5, 5), 2, 2, 1)])
+def test_other_conv_arithmetic_equals_torchvision(kernel, stride, padding, dilation):
+    """Dilation, 1x1 and rectangular kernels, per-axis stride and padding, no bias: torchvision's
+    numbers, with and without autograd."""
+    kh, kw = kernel
+    (sh, sw), (ph, pw) = ((s, s) if isinstance(s, int) else s for s in (stride, padding))
+    ho, wo = (10 + 2 * ph - dilation * (kh - 1) - 1) // sh + 1, (9 + 2 * pw - dilation * (kw - 1) - 1) // sw + 1
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 4, 10, 9, generator=g)
+    offset = 2 * torch.randn(2, 2 * kh * kw, ho, wo, generator=g)
+    mask = torch.rand(2, kh * kw, ho, wo, generator=g)
+    weight = torch.randn(3, 4, kh, kw, generator=g)
+    ref = torchvision.ops.deform_conv2d(x, offset, weight, None, stride=stride, padding=padding, dilation=dilation,
+                                        mask=mask)
+    with torch.no_grad():
+        ours = deform_conv2d(x, offset, weight, None, stride, padding, dilation, mask, weight_cache=ColumnWeightCache())
+    ours_grad = deform_conv2d(x, offset.requires_grad_(), weight, None, stride, padding, dilation, mask)
+    assert torch.allclose(ours, ref, atol=1e-5, rtol=1e-5) and torch.allclose(ours_grad, ref, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_float64_gradients_equal_torchvision(stride, channels_last):
