@@ -333,3 +333,21 @@ def test_resolve_config_forms():
     assert Path(local).is_file()
     with pytest.raises(FileNotFoundError):
         resolve_config("no/such/config.yaml")
+
+
+def test_exported_graphs_go_with_the_model_they_were_exported_from():
+    """--exported with two YOLACT models: a graph is timed against the model whose class count,
+    input size and mask re-scoring (YOLACT++) its metadata holds, else the tool names both configs."""
+    from conftest import yolact_cfg
+
+    tool = _load_tool()
+    plus = {"cfg": yolact_cfg("configs/yolact_plus_R_50_FPN_550.yaml"), "is_yolact": True, "config": "plus.yaml"}
+    v1 = {"cfg": yolact_cfg("configs/yolact_R_50_FPN_550.yaml"), "is_yolact": True, "config": "v1.yaml"}
+    rcnn = {"cfg": yolact_cfg("configs/yolact_R_50_FPN_550.yaml"), "is_yolact": False, "config": "rcnn"}
+    meta = {"num_classes": 80, "input_size": 550}
+    assert tool.exported_source({**meta, "mask_rescoring": True}, [v1, plus], "p.onnx") is plus
+    assert tool.exported_source({**meta, "mask_rescoring": False}, [plus, v1], "v.onnx") is v1
+    assert tool.exported_source({**meta, "mask_rescoring": False}, [rcnn, v1], "v.onnx") is v1
+    with pytest.raises(SystemExit, match=r"x.onnx \(80 classes, input 320, mask re-scoring False\) was not exported "
+                                         r"from --config-file plus.yaml or --vs v1.yaml"):
+        tool.exported_source({"num_classes": 80, "input_size": 320}, [plus, v1], "x.onnx")

@@ -12,7 +12,9 @@ stage (per-module hooks would break the compiled graph).
 
 With ``--vs CONFIG`` a second model runs on the same images in the same process, interleaved with
 the first per image, and the ratio of the end-to-end medians is reported (and the paired ratio).
-``--exported FILE`` times exported graphs of the first config the same way. YOLACT's Fast NMS,
+``--exported FILE ...`` times exported graphs the same way, each against the eager model it was
+exported from (class count, input size and mask re-scoring from the file's metadata: a YOLACT and a
+YOLACT++ graph go with --config-file and --vs). YOLACT's Fast NMS,
 Cluster-Fast NMS and standard NMS are timed on the same candidates, and mask assembly for exactly
 100 detections (``torch.utils.benchmark.Timer``).
 
@@ -74,6 +76,24 @@ def load_images(args) -> Tuple[List[Tuple[str, np.ndarray]], str]:
     return [images[i % len(images)] for i in range(args.num_images)], source
 
 
+def exported_source(meta: Dict, eager_entries: List[Dict], path: str) -> Dict:
+    """The eager model an exported graph is timed against: the first YOLACT model (--config-file,
+    then --vs) whose class count, input size and mask re-scoring (YOLACT++) match the file's
+    metadata, so that a YOLACT and a YOLACT++ graph each go with their own model."""
+    def fits(e):
+        y = e["cfg"].MODEL.YOLACT
+        return e["is_yolact"] and (meta["num_classes"], meta["input_size"], bool(meta.get("mask_rescoring", False))) \
+            == (y.NUM_CLASSES, y.INPUT_SIZE, bool(y.MASK_RESCORING.ENABLED))
+
+    for e in eager_entries:
+        if fits(e):
+            return e
+    configs = " or ".join(f"{flag} {e['config']}" for flag, e in zip(("--config-file", "--vs"), eager_entries))
+    raise SystemExit(f"--exported {path} ({meta['num_classes']} classes, input {meta['input_size']}, mask re-scoring "
+                     f"{bool(meta.get('mask_rescoring', False))}) was not exported from {configs}; "
+                     "export that config, or pass its config")
+
+
 def build_entries(args) -> List[Dict]:
     """One entry per timed model: metadata, ``bench`` (a ModelBench or ExportedBench) and its label."""
     from yolact_d2.runtime import ExportedPredictor
@@ -90,16 +110,15 @@ def build_entries(args) -> List[Dict]:
     if len(entries) == 2 and entries[0]["label"] == entries[1]["label"]:  # e.g. two YOLACT configs
         for e in entries:
             e["label"] = f"{e['arch']} ({Path(e['config_path']).stem})"
-    eager = entries[0]
-    if args.exported and (not eager["is_yolact"] or args.device != "cpu" or args.batch_size != 1):
-        raise SystemExit("--exported needs a YOLACT --config-file, --device cpu and --batch-size 1")
+    eager_entries = list(entries)
+    if args.exported and (not any(e["is_yolact"] for e in eager_entries) or args.device != "cpu"
+                          or args.batch_size != 1):
+        raise SystemExit("--exported needs a YOLACT --config-file or --vs, --device cpu and --batch-size 1")
     for spec in args.exported:
         predictor = ExportedPredictor.open(spec, threads=args.threads)  # FILE or FILE@RUNTIME (model.onnx@openvino)
         path = predictor.path
-        meta, cfg = predictor.metadata, eager["cfg"]
-        if meta["num_classes"] != cfg.MODEL.YOLACT.NUM_CLASSES or meta["input_size"] != cfg.MODEL.YOLACT.INPUT_SIZE:
-            raise SystemExit(f"--exported {path} ({meta['num_classes']} classes, input {meta['input_size']}) was not "
-                             f"exported from --config-file {eager['config']}; export that config, or pass its config")
+        meta = predictor.metadata
+        eager = exported_source(meta, eager_entries, path)
         precision = getattr(predictor, "precision", "f32")
         label = f"{eager['arch']} ({predictor.runtime}" + (f" {precision})" if precision != "f32" else ")")
         if any(x["label"] == label for x in entries):  # e.g. an fp32 and an int8 .onnx: name the file too
@@ -108,6 +127,7 @@ def build_entries(args) -> List[Dict]:
         exported = {"runtime": predictor.runtime, "precision": precision, "exported_file": path,
                     "exported_bytes": os.path.getsize(path), "input_size": meta["input_size"],
                     "score_thresh_test": meta["score_thresh"], "nms_type": "fast (in the graph)"}
+        exported["compared_with"] = eager["label"]
         entries.append({**shared, "is_yolact": False, "label": label, "exported": exported,
                         "bench": bm.ExportedBench(predictor, eager["bench"])})
     if len({e["label"] for e in entries}) < len(entries):
@@ -216,7 +236,7 @@ def parse_args(argv=None):
     p.add_argument("--output-json", help="default: output/benchmark/<name>.json")
     p.add_argument("--output-png", help="default: the JSON path with .png")
     p.add_argument("--exported", nargs="*", default=[], metavar="FILE",
-                   help="exported end-to-end graphs of the first config (tools/export_model.py: .onnx for "
+                   help="exported end-to-end graphs of --config-file or --vs (tools/export_model.py: .onnx for "
                         "onnxruntime, .ts for TorchScript; FILE@openvino runs an .onnx through OpenVINO), "
                         "timed on the same images in the same process")
     p.add_argument("--smoke", action="store_true", help="CI: 2 images, 1 warm-up, 1 repeat, 2 NMS/mask repeats, YOLACT "
@@ -296,19 +316,22 @@ def main(argv=None) -> Dict:
                                   f"{a['end_to_end']['median_ms']:.0f} vs {b['end_to_end']['median_ms']:.0f} ms, "
                                   f"{args.device}, batch {args.batch_size})"}
     exported = []
+    report_of = {r["label"]: r for r in reports}
     for e, r in zip(entries, reports):
         if "exported" in e:
-            # Speed-up over eager: ratio of medians, and the median of the per-call ratios (same images, adjacent).
-            speedup = reports[0]["end_to_end"]["median_ms"] / r["end_to_end"]["median_ms"]
-            paired = bm.paired_ratio(reports[0]["end_to_end"]["samples_ms"], r["end_to_end"]["samples_ms"])
+            # Speed-up over its eager model: ratio of medians, and the median of the per-call ratios
+            # (same images, adjacent).
+            base = report_of[e["exported"]["compared_with"]]
+            speedup = base["end_to_end"]["median_ms"] / r["end_to_end"]["median_ms"]
+            paired = bm.paired_ratio(base["end_to_end"]["samples_ms"], r["end_to_end"]["samples_ms"])
             m = r["matches_eager"]
             exported.append({"label": r["label"], "runtime": r["runtime"], "precision": r["precision"],
-                             "file": r["exported_file"],
+                             "file": r["exported_file"], "compared_with": base["label"],
                              "speedup_over_eager": speedup, "paired_speedup_median": paired,
                              "matched_share": m["matched"] / m["eager_detections"] if m["eager_detections"] else None,
                              "sentence": f"{r['label']} is {speedup:.2f}x as fast as PyTorch eager end to end "
                                          f"({r['end_to_end']['median_ms']:.0f} vs "
-                                         f"{reports[0]['end_to_end']['median_ms']:.0f} ms median; "
+                                         f"{base['end_to_end']['median_ms']:.0f} ms median of {base['label']}; "
                                          f"paired {paired:.2f}x), "
                                          f"{m['matched']} of {m['eager_detections']} eager detections reproduced"})
 

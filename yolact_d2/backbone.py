@@ -12,12 +12,12 @@ from typing import Dict, List
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import deform_conv2d
 
 from detectron2.layers import Conv2d, ShapeSpec, get_norm
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 from detectron2.modeling.backbone.resnet import build_resnet_backbone
 
+from .deform_conv import DEFORM_CONV_IMPLS, ColumnWeightCache, deform_conv2d
 from .errors import ConfigError
 
 __all__ = ["YolactFPN", "ModulatedDeformConv", "build_yolact_resnet", "build_yolact_resnet_fpn_backbone"]
@@ -97,14 +97,22 @@ class ModulatedDeformConv(nn.Module):
     first two thirds are the (dy, dx) offsets in pixels, interleaved per kernel tap as
     ``torchvision.ops.deform_conv2d`` expects; the last third, after a sigmoid, is the modulation
     mask in (0, 1). The conv has a bias, as in the original YOLACT++ DCN module (the plain ResNet
-    convs do not). Runs on any device through ``torchvision.ops.deform_conv2d``; no compiled
-    extension of our own or of detectron2 is needed.
+    convs do not). No compiled extension of our own or of detectron2 is needed:
+    :func:`yolact_d2.deform_conv.deform_conv2d` runs CPU tensors through its embedding-bag path
+    (``impl="auto"``, ``MODEL.YOLACT.DEFORM_CONV_IMPL``; same numbers as torchvision, several times
+    faster) and everything else, tracing and ONNX export included, through
+    ``torchvision.ops.deform_conv2d``; ``impl="torchvision"`` always uses torchvision's op.
 
     Input (N, in_channels, H, W), output (N, out_channels, H', W') with the usual conv arithmetic.
     """
 
-    def __init__(self, in_channels, out_channels, kernel_size=3, stride=1, padding=1, dilation=1, norm=None):
+    def __init__(self, in_channels, out_channels, kernel_size=3, stride=1, padding=1, dilation=1, norm=None,
+                 impl: str = "auto"):
         super().__init__()
+        if impl not in DEFORM_CONV_IMPLS:
+            raise ConfigError(f"MODEL.YOLACT.DEFORM_CONV_IMPL must be one of {', '.join(DEFORM_CONV_IMPLS)}, got {impl!r}")
+        self.impl = impl
+        self.weight_cache = ColumnWeightCache()  # re-laid-out weight of the CPU path, kept between calls
         self.stride, self.padding, self.dilation = stride, padding, dilation
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels, kernel_size, kernel_size))
         self.bias = nn.Parameter(torch.zeros(out_channels))
@@ -121,7 +129,7 @@ class ModulatedDeformConv(nn.Module):
         offset = torch.cat((o1, o2), dim=1)
         out = deform_conv2d(
             x, offset, self.weight, self.bias, stride=self.stride, padding=self.padding,
-            dilation=self.dilation, mask=torch.sigmoid(m),
+            dilation=self.dilation, mask=torch.sigmoid(m), impl=self.impl, weight_cache=self.weight_cache,
         )
         return self.norm(out) if self.norm is not None else out
 
@@ -139,10 +147,13 @@ def build_yolact_resnet(cfg, input_shape: ShapeSpec) -> Backbone:
     ``DEFORM_NUM_GROUPS`` 1 whenever a stage is deformable. detectron2's defaults (False, i.e.
     DCNv1) would otherwise turn a config silently into another model.
 
+    ``MODEL.YOLACT.DEFORM_CONV_IMPL`` picks the deformable conv's implementation ("auto": the
+    embedding-bag CPU path of :mod:`yolact_d2.deform_conv` for CPU tensors; "torchvision").
+
     Raises:
         ConfigError (a ValueError): deformable blocks requested on a BasicBlock ResNet (R-18/34),
             an interval < 1, ``DEFORM_MODULATED`` False or ``DEFORM_NUM_GROUPS`` != 1 with a
-            deformable stage.
+            deformable stage, an unknown ``DEFORM_CONV_IMPL``.
     """
     r = cfg.MODEL.RESNETS
     deform = list(r.DEFORM_ON_PER_STAGE)
@@ -161,6 +172,9 @@ def build_yolact_resnet(cfg, input_shape: ShapeSpec) -> Backbone:
         )
     if interval < 1:
         raise ConfigError(f"MODEL.YOLACT.DEFORM_INTERVAL must be >= 1, got {interval}")
+    if cfg.MODEL.YOLACT.DEFORM_CONV_IMPL not in DEFORM_CONV_IMPLS:
+        raise ConfigError(f"MODEL.YOLACT.DEFORM_CONV_IMPL must be one of {', '.join(DEFORM_CONV_IMPLS)}, "
+                          f"got {cfg.MODEL.YOLACT.DEFORM_CONV_IMPL!r}")
     plain_cfg = copy.deepcopy(cfg)
     plain_cfg.defrost()
     # detectron2's DeformBottleneckBlock needs its compiled _C; build plain blocks, then swap conv2.
@@ -177,6 +191,7 @@ def build_yolact_resnet(cfg, input_shape: ShapeSpec) -> Backbone:
             block.conv2 = ModulatedDeformConv(
                 old.in_channels, old.out_channels, old.kernel_size[0], old.stride[0],
                 old.padding[0], old.dilation[0], norm=get_norm(norm, old.out_channels),
+                impl=cfg.MODEL.YOLACT.DEFORM_CONV_IMPL,
             )
     return resnet
 

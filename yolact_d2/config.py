@@ -123,6 +123,12 @@ def add_yolact_config(cfg):
     # YOLACT++ deformable convs: stages come from MODEL.RESNETS.DEFORM_ON_PER_STAGE; inside a
     # deformable stage, block i is deformable when i % DEFORM_INTERVAL == 0 (3 for R-101).
     _C.MODEL.YOLACT.DEFORM_INTERVAL = 1
+    # Implementation of those deformable convs: "auto" runs CPU tensors through
+    # yolact_d2/deform_conv.py (im2col by embedding_bag + one GEMM: torchvision's numbers to float
+    # rounding, its backward too; 3.3-3.8x faster over YOLACT++ R-50's 13 blocks,
+    # docs/benchmarks.md) and CUDA tensors, tracing, ONNX export and torch.compile through
+    # torchvision.ops.deform_conv2d; "torchvision" uses torchvision's op everywhere.
+    _C.MODEL.YOLACT.DEFORM_CONV_IMPL = "auto"
 
     # Live training diagnostics (yolact_d2/diagnostics.py): dead channels of P3-P7 and of the
     # prototypes, positives per object, forced-only matches, foreground probability on positives,
