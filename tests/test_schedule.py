@@ -98,7 +98,8 @@ def test_max_time_ends_training_with_the_final_checkpoint_and_evaluation(tmp_pat
 def test_best_checkpoint_does_not_move_last_checkpoint(tmp_path):
     """model_best.pth is written through the trainer's checkpointer without tagging it: with
     fvcore's Checkpointer (whose save tags every file) last_checkpoint keeps its name, and the
-    checkpointer's save is its own method again afterwards."""
+    checkpointer's save is its own method again afterwards. The evaluation (which draws random
+    numbers here) leaves torch's generator as it was."""
     from yolact_d2.data.datasets import register_builtin_datasets
     from yolact_d2.engine import Trainer
     from yolact_d2.schedule import BestCheckpointer
@@ -116,6 +117,12 @@ def test_best_checkpoint_does_not_move_last_checkpoint(tmp_path):
     # The hook sits after the EvalHook and before the periodic checkpointer.
     names = [type(h).__name__ for h in trainer._hooks]
     assert names.index("EvalHook") < names.index("BestCheckpointer") < names.index("PeriodicCheckpointer")
+    # Periodic evaluations leave the training's random generators as they found them.
+    trainer.test = lambda cfg, model: {"segm": {"AP": torch.rand(1).item()}}
+    evaluate = next(h for h in trainer._hooks if type(h).__name__ == "EvalHook")._func
+    before = torch.get_rng_state()
+    first, second = evaluate(), evaluate()
+    assert torch.equal(torch.get_rng_state(), before) and first == second
 
 
 def test_epoch_conversion_arithmetic():

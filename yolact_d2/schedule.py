@@ -271,11 +271,37 @@ class StoppableTraining:
         return None
 
 
+def keeping_random_state(func):
+    """``func`` run with the torch (CPU and CUDA), numpy and ``random`` generators restored after
+    it: an evaluation's data loader draws a seed from torch's generator, which would otherwise
+    change the rest of a seeded training run."""
+    import random
+
+    import numpy as np
+    import torch
+
+    def wrapped():
+        states = (torch.get_rng_state(), np.random.get_state(), random.getstate())
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+        try:
+            return func()
+        finally:
+            torch.set_rng_state(states[0])
+            np.random.set_state(states[1])
+            random.setstate(states[2])
+            if cuda is not None:
+                torch.cuda.set_rng_state_all(cuda)
+
+    return wrapped
+
+
 def schedule_hooks(trainer, hooks: list) -> list:
     """``hooks`` (``DefaultTrainer.build_hooks``'s list) with the schedule's hooks of
     ``trainer.cfg``: with periodic evaluation (``TEST.EVAL_PERIOD`` > 0, an ``EvalHook`` in the
     list) a :class:`BestCheckpointer` right after the ``EvalHook``, the periodic checkpointer
-    moved after it; with ``SOLVER.PATIENCE`` or ``SOLVER.MAX_TIME`` an :class:`EarlyStop` last.
+    moved after it, and the evaluations run :func:`keeping_random_state` (a seeded run trains the
+    same weights with or without them); with ``SOLVER.PATIENCE`` or ``SOLVER.MAX_TIME`` an
+    :class:`EarlyStop` last.
     Without any of these options the list is returned unchanged."""
     cfg = trainer.cfg
     evals = [h for h in hooks if isinstance(h, EvalHook)]
@@ -284,6 +310,7 @@ def schedule_hooks(trainer, hooks: list) -> list:
     if cfg.TEST.EVAL_PERIOD > 0 and evals:
         best = BestCheckpointer(trainer, best_metric_name(cfg), save=cfg.SOLVER.BEST_CHECKPOINT,
                                 patience=cfg.SOLVER.PATIENCE)
+        evals[0]._func = keeping_random_state(evals[0]._func)
         at = hooks.index(evals[0])
         moved = [h for h in hooks[:at] if isinstance(h, PeriodicCheckpointer)]
         hooks = [h for h in hooks[:at] if h not in moved] + [evals[0], best] + moved + hooks[at + 1:]
