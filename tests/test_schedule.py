@@ -45,45 +45,49 @@ def scripted_run(out, segm_ap, opts=(), resume=False):
     return trainer, evaluated
 
 
+@pytest.mark.slow
 def test_best_checkpoint_patience_and_resume(tmp_path, caplog):
-    """Evaluation every iteration, PATIENCE 3, BEST_CHECKPOINT. A first run of 4 iterations (AP
-    10, 20, 15 at iterations 0-2, 12 at the final evaluation of iteration 3) ends with best 20 at
-    iteration 1 and 2 evaluations without gain, in model_final.pth (written again after the final
-    evaluation) as in model_best.pth's own copy at iteration 1; last_checkpoint names
-    model_final.pth. --resume to 40 iterations starts at iteration 4 (the last checkpoint, never
-    model_best.pth) with best and count kept: one more evaluation without gain (iteration 4) is
-    the third, so iteration 4 is the last; its evaluation is the final one (not run twice)."""
+    """Evaluation every iteration, PATIENCE 2, BEST_CHECKPOINT. A first run of 3 iterations (AP
+    10, 20 at iterations 0-1, 12 at the final evaluation of iteration 2) ends with best 20 at
+    iteration 1 and 1 evaluation without gain, in model_final.pth (written again after the final
+    evaluation) as in model_best.pth's own copy at iteration 1 and in the periodic checkpoint of
+    iteration 1 (written after its evaluation); last_checkpoint names model_final.pth. --resume to 40 iterations starts at iteration 3 (the last checkpoint, never
+    model_best.pth) with best and count kept: one more evaluation without gain (iteration 3) is
+    the second, so iteration 3 is the last; its evaluation is the final one (not run twice)."""
     caplog.set_level("INFO", logger="yolact_d2")
-    opts = ["TEST.EVAL_PERIOD", "1", "SOLVER.PATIENCE", "3", "SOLVER.BEST_CHECKPOINT", "True"]
-    first, evaluated = scripted_run(tmp_path, [10, 20, 15, 12], ["SOLVER.MAX_ITER", "4", *opts])
-    assert evaluated == [0, 1, 2, 3]
+    opts = ["TEST.EVAL_PERIOD", "1", "SOLVER.PATIENCE", "2", "SOLVER.BEST_CHECKPOINT", "True"]
+    first, evaluated = scripted_run(tmp_path, [10, 20, 12], ["SOLVER.MAX_ITER", "3", "SOLVER.CHECKPOINT_PERIOD", "2", *opts])
+    assert evaluated == [0, 1, 2]
+    # The periodic checkpoint of iteration 1 is written after that iteration's evaluation.
+    assert read_state(tmp_path / "model_0000001.pth")["yolact_d2_best"]["best"] == 20.0
     final, best = read_state(tmp_path / "model_final.pth"), read_state(tmp_path / "model_best.pth")
-    assert final["iteration"] == 3 and final["trainer"]["iteration"] == 3 and best["iteration"] == 1
+    assert final["iteration"] == 2 and final["trainer"]["iteration"] == 2 and best["iteration"] == 1
     assert final["yolact_d2_best"] == {"metric": "segm/AP", "best": 20.0, "best_iteration": 1,
-                                       "evaluations_without_gain": 2}
+                                       "evaluations_without_gain": 1}
     assert best["yolact_d2_best"] == {"metric": "segm/AP", "best": 20.0, "best_iteration": 1,
                                       "evaluations_without_gain": 0}
     # The weights of iteration 1, not a copy of the last ones.
     key = next(k for k, v in final["model"].items() if v.is_floating_point())
     assert not torch.equal(final["model"][key], best["model"][key])
     assert (tmp_path / "last_checkpoint").read_text().strip() == "model_final.pth"
-    assert "Evaluation at iteration 3: segm/AP 12.00; best so far 20.00 at iteration 1 (2 evaluation(s) without " \
-           "gain of SOLVER.PATIENCE 3)" in caplog.text
+    assert "Evaluation at iteration 2: segm/AP 12.00; best so far 20.00 at iteration 1 (1 evaluation(s) without " \
+           "gain of SOLVER.PATIENCE 2)" in caplog.text
     records = [json.loads(line) for line in (tmp_path / "metrics.json").read_text().splitlines()]
     assert [r["best/segm/AP"] for r in records if "best/segm/AP" in r][-1] == 20
 
     second, evaluated = scripted_run(tmp_path, [19, 99], ["SOLVER.MAX_ITER", "40", *opts], resume=True)
-    assert second.start_iter == 4
-    assert evaluated == [4]
-    assert second.iter == second.max_iter == 5
-    assert "Stopping at iteration 4 of 40: SOLVER.PATIENCE 3: 3 evaluations without a gain of segm/AP " \
+    assert second.start_iter == 3
+    assert evaluated == [3]
+    assert second.iter == second.max_iter == 4
+    assert "Stopping at iteration 3 of 40: SOLVER.PATIENCE 2: 2 evaluations without a gain of segm/AP " \
            "(best 20.00 at iteration 1)" in caplog.text
     assert read_state(tmp_path / "model_best.pth")["iteration"] == 1
     final = read_state(tmp_path / "model_final.pth")
-    assert final["iteration"] == 4 and final["yolact_d2_best"]["evaluations_without_gain"] == 3
+    assert final["iteration"] == 3 and final["yolact_d2_best"]["evaluations_without_gain"] == 2
     assert (tmp_path / "last_checkpoint").read_text().strip() == "model_final.pth"
 
 
+@pytest.mark.slow
 def test_max_time_ends_training_with_the_final_checkpoint_and_evaluation(tmp_path, caplog):
     """SOLVER.MAX_TIME 1e-4 minutes (6 ms): the first iteration already ends past it, so iteration 0
     is the last one of 50: model_final.pth at iteration 0, one (final) evaluation, train() returns."""
@@ -152,11 +156,11 @@ def test_epoch_conversion_arithmetic():
 
 @pytest.fixture(scope="module")
 def subsets(tmp_path_factory):
-    """6 Penn-Fudan train photos and 2 val photos as COCO JSON files (the images stay in ../shared)."""
+    """4 Penn-Fudan train photos and 2 val photos as COCO JSON files (the images stay in ../shared)."""
     root = need(DATA / "pennfudan")
     out = tmp_path_factory.mktemp("subsets")
     files = {}
-    for split, n in (("train", 6), ("val", 2)):
+    for split, n in (("train", 4), ("val", 2)):
         d = json.loads((root / f"{split}.json").read_text())
         d["images"] = d["images"][:n]
         ids = {im["id"] for im in d["images"]}
@@ -168,8 +172,8 @@ def subsets(tmp_path_factory):
 
 @pytest.mark.slow
 def test_epochs_periodic_evaluation_and_tide_through_train_net(tmp_path, subsets):
-    """train_net.py on 6 photos at batch 2 (3 iterations per epoch): MAX_EPOCHS 2 -> MAX_ITER 6 (in
-    the saved config.yaml too), EVAL_PERIOD_EPOCHS 1 -> evaluation at iterations 2 and 5 (final) by
+    """train_net.py on 4 photos at batch 2 (2 iterations per epoch): MAX_EPOCHS 2 -> MAX_ITER 4 (in
+    the saved config.yaml too), EVAL_PERIOD_EPOCHS 1 -> evaluation at iterations 1 and 3 (final) by
     the real COCO evaluator, each logged with the best so far; model_best.pth written, last_checkpoint
     model_final.pth; TEST.TIDE writes tide.json with the six main errors for boxes and masks."""
     pytest.importorskip("tidecv")
@@ -184,15 +188,15 @@ def test_epochs_periodic_evaluation_and_tide_through_train_net(tmp_path, subsets
                     "OUTPUT_DIR", out)
     assert run.returncode == 0, run.stderr[-3000:]
     log = (out / "log.txt").read_text()
-    assert "SOLVER.MAX_EPOCHS 2: 6 training images / SOLVER.IMS_PER_BATCH 2 = 3 iterations per epoch -> " \
-           "SOLVER.MAX_ITER 6 (was 200), SOLVER.STEPS (5,) (was (160,))" in log
-    assert "TEST.EVAL_PERIOD_EPOCHS 1: 6 training images" in log and "-> TEST.EVAL_PERIOD 3" in log
-    assert "Evaluation at iteration 2: segm/AP" in log and "Evaluation at iteration 5: segm/AP" in log
+    assert "SOLVER.MAX_EPOCHS 2: 4 training images / SOLVER.IMS_PER_BATCH 2 = 2 iterations per epoch -> " \
+           "SOLVER.MAX_ITER 4 (was 200), SOLVER.STEPS (3,) (was (160,))" in log
+    assert "TEST.EVAL_PERIOD_EPOCHS 1: 4 training images" in log and "-> TEST.EVAL_PERIOD 2" in log
+    assert "Evaluation at iteration 1: segm/AP" in log and "Evaluation at iteration 3: segm/AP" in log
     assert "best so far" in log and "TIDE dAP" in log
     saved = (out / "config.yaml").read_text()
-    assert "MAX_ITER: 6\n" in saved and "EVAL_PERIOD: 3\n" in saved
+    assert "MAX_ITER: 4\n" in saved and "EVAL_PERIOD: 2\n" in saved
     assert (out / "last_checkpoint").read_text().strip() == "model_final.pth"
-    assert read_state(out / "model_best.pth")["iteration"] in (2, 5)
+    assert read_state(out / "model_best.pth")["iteration"] in (1, 3)
     tide = json.loads((out / "inference" / "tide.json").read_text())
     assert set(tide) == {"bbox", "segm"}
     assert set(tide["segm"]["main"]) == {"Cls", "Loc", "Both", "Dupe", "Bkg", "Miss"}
