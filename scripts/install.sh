@@ -25,6 +25,10 @@ pip_install "numpy<2" "setuptools<80" "pycocotools>=2.0.2" "opencv-python-headle
   tensorboard "omegaconf>=2.1,<2.4" "hydra-core>=1.1" packaging fvcore iopath black \
   shapely imgviz pytest \
   "onnx>=1.16,<1.18" "onnxruntime>=1.17" "openvino>=2024.0" "ml_dtypes>=0.4,<0.5"
+# tidecv (TEST.TIDE, yolact_d2/tide.py) without its opencv-python requirement, which would pull numpy 2
+# and a second OpenCV: the headless one above serves it; its plots need seaborn and pandas (numpy 1 builds).
+pip_install --no-deps tidecv==1.0.1 appdirs
+pip_install seaborn "pandas<2.3" "numpy<2"
 if ! "$PY" -c "import detectron2.modeling" 2>/dev/null; then
   tmp=$(mktemp -d)
   "$PY" -m pip download --disable-pip-version-check -q --no-deps --only-binary=:all: \

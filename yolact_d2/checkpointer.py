@@ -234,6 +234,19 @@ class YolactCheckpointer(DetectionCheckpointer):
         return cls(checkpointer.model, checkpointer.save_dir, save_to_disk=checkpointer.save_to_disk,
                    **checkpointer.checkpointables)
 
+    def save(self, name: str, tag_last_checkpoint: bool = True, **kwargs) -> None:
+        """fvcore's ``save`` (atomic here); ``tag_last_checkpoint=False`` leaves ``last_checkpoint``
+        as it is (``model_best.pth``: ``--resume`` must not continue from it)."""
+        self._tag = tag_last_checkpoint
+        try:
+            super().save(name, **kwargs)
+        finally:
+            self._tag = True
+
+    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
+        if getattr(self, "_tag", True):
+            super().tag_last_checkpoint(last_filename_basename)
+
     def _torch_load(self, f: str):
         return read_checkpoint(f)
 

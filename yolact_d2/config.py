@@ -172,6 +172,35 @@ def add_yolact_config(cfg):
     # detectron2 does. model_final.pth is never deleted (yolact_d2/checkpointer.py).
     _C.SOLVER.CHECKPOINTS_TO_KEEP = 0
 
+    # Evaluation extras and a schedule that fits the data (yolact_d2/tide.py, yolact_d2/schedule.py,
+    # docs/training.md). Every key defaults to detectron2's behaviour (off).
+    # TIDE error breakdown (Bolya et al., ECCV 2020) after each evaluation of train_net.py (at the
+    # end of training, --eval-only, periodic ones): the AP50 lost to class, localisation, both,
+    # duplicate, background and missed errors, for boxes and masks, logged as a table and written
+    # to <evaluation folder>/tide.json (+ tide_bbox.png / tide_segm.png). Needs the tidecv package.
+    _C.TEST.TIDE = False
+    # Evaluate every this many epochs of the training set (int, > 0): sets TEST.EVAL_PERIOD to
+    # EPOCHS x iterations per epoch (ceil(training images / SOLVER.IMS_PER_BATCH)) at setup, logged.
+    # 0: TEST.EVAL_PERIOD as given (iterations; 0 = only at the end).
+    _C.TEST.EVAL_PERIOD_EPOCHS = 0
+    # Train for this many epochs (int, > 0) instead of SOLVER.MAX_ITER: at setup MAX_ITER becomes
+    # MAX_EPOCHS x iterations per epoch and SOLVER.STEPS are scaled by new / old MAX_ITER (logged).
+    # 0: SOLVER.MAX_ITER as given.
+    _C.SOLVER.MAX_EPOCHS = 0
+    # Keep OUTPUT_DIR/model_best.pth: the weights of the periodic evaluation with the highest
+    # SOLVER.BEST_METRIC (written without moving last_checkpoint, so --resume still continues from
+    # the latest periodic checkpoint). Needs periodic evaluation (TEST.EVAL_PERIOD or _EPOCHS).
+    _C.SOLVER.BEST_CHECKPOINT = False
+    # The metric of BEST_CHECKPOINT and PATIENCE, a key of the evaluation results ("segm/AP",
+    # "bbox/AP50", ...); "": segm/AP, or bbox/AP when MODEL.MASK_ON is False. Higher is better.
+    _C.SOLVER.BEST_METRIC = ""
+    # Early stop: end training after this many periodic evaluations in a row without a gain of
+    # BEST_METRIC (int; 0 = off). The run ends as at MAX_ITER: model_final.pth, final evaluation.
+    _C.SOLVER.PATIENCE = 0
+    # Time budget of the training loop in minutes (float, e.g. 30.0; 0 = off): the first iteration
+    # that ends past it is the last, then model_final.pth and the final evaluation as at MAX_ITER.
+    _C.SOLVER.MAX_TIME = 0.0
+
     # SSD-style training augmentation (original utils/augmentations.py SSDAugmentation).
     _C.INPUT.SSD = CN()
     _C.INPUT.SSD.ENABLED = True

@@ -14,6 +14,7 @@ and its ``tools/train_net.py`` thin, ``train_net.py``, ``tools/main_job.py`` and
 - :func:`main`: ``train_net.py``'s job (train, or ``--eval-only`` of weights or an exported graph).
 """
 import argparse
+import functools
 import logging
 import os
 import time
@@ -40,6 +41,8 @@ from .diagnostics import log_dataset_prior_coverage, warn_small_batch_norm
 from .errors import ConfigError, DatasetError, MissingFileError, YolactUserError
 from .evaluation import YolactCOCOEvaluator
 from .prior_fit import fit_priors_at_setup
+from .tide import check_tide
+from .schedule import StoppableTraining, apply_schedule_units, schedule_hooks
 
 __all__ = ["Trainer", "TrainingClock", "argument_parser", "build_config", "setup", "main",
            "checked_dataset_dicts", "check_datasets_registered", "check_weights"]
@@ -110,7 +113,7 @@ class TrainingClock(HookBase):
         self.trainer.training_seconds = time.perf_counter() - self._start
 
 
-class Trainer(DefaultTrainer):
+class Trainer(StoppableTraining, DefaultTrainer):
     """DefaultTrainer with the YOLACT mapper (SSD augmentations, fixed square resize) for YOLACT
     models and :class:`YolactCOCOEvaluator` (COCOEvaluator, mask re-scoring aware) for all.
 
@@ -136,7 +139,8 @@ class Trainer(DefaultTrainer):
             for h in super().build_hooks()
         ]
         # First, so its after_step comes before the other hooks' work of the last step.
-        return [TrainingClock()] + built
+        # The schedule's best checkpoint and early stop (yolact_d2/schedule.py); unchanged when off.
+        return [TrainingClock()] + schedule_hooks(self, built)
 
     def resume_or_load(self, resume: bool = True):
         """detectron2's, refusing ``MODEL.WEIGHTS`` that fills less than
@@ -161,7 +165,8 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
-        return YolactCOCOEvaluator(dataset_name, output_dir=output_folder or f"{cfg.OUTPUT_DIR}/inference")
+        return YolactCOCOEvaluator(dataset_name, output_dir=output_folder or f"{cfg.OUTPUT_DIR}/inference",
+                                   tide=cfg.TEST.TIDE)
 
 
 def setup_loggers(output_dir: str, quiet: bool = False) -> None:
@@ -232,8 +237,12 @@ def setup(args, prepare: Optional[Callable] = None, quiet: bool = False):
     """
     cfg = build_config(args, prepare, loggers="quiet" if quiet else "full")
     # Fitted to the checked dataset, so a bad one stops with the check's message, not the fit's.
+    train_dicts = functools.cache(lambda: checked_dataset_dicts(cfg, cfg.DATASETS.TRAIN))
     fit_priors_at_setup(cfg, resume=getattr(args, "resume", False), eval_only=getattr(args, "eval_only", False),
-                        dataset_dicts=lambda: checked_dataset_dicts(cfg, cfg.DATASETS.TRAIN))
+                        dataset_dicts=train_dicts)
+    # SOLVER.MAX_EPOCHS / TEST.EVAL_PERIOD_EPOCHS to iterations, logged (yolact_d2/schedule.py).
+    apply_schedule_units(cfg, train_dicts, eval_only=getattr(args, "eval_only", False))
+    check_tide(cfg)  # TEST.TIDE without tidecv: one line now, not after training
     cfg.freeze()
     default_setup(cfg, args)
     return cfg

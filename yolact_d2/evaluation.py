@@ -1,7 +1,13 @@
-"""COCO evaluation that scores boxes and masks separately (YOLACT++ mask re-scoring)."""
+"""COCO evaluation that scores boxes and masks separately (YOLACT++ mask re-scoring), with an
+optional TIDE error breakdown (yolact_d2/tide.py)."""
 import copy
+import logging
+import os
 
 from detectron2.evaluation import COCOEvaluator
+from detectron2.utils import comm
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["YolactCOCOEvaluator"]
 
@@ -14,7 +20,26 @@ class YolactCOCOEvaluator(COCOEvaluator):
 
     ``coco_instances_results.json`` then holds the mask-scored results, each with its class
     confidence kept as ``box_score``.
+
+    ``tide``: after the COCO evaluation, :func:`yolact_d2.tide.tide_breakdown` of that file
+    against the dataset's COCO JSON (detectron2's cached conversion for datasets without one):
+    ``tide.json`` and its figures in ``output_dir``, the table logged (main process; needs
+    ``output_dir``). The returned results are COCOEvaluator's, unchanged.
     """
+
+    def __init__(self, dataset_name, *args, tide: bool = False, **kwargs):
+        super().__init__(dataset_name, *args, **kwargs)
+        self._tide = tide
+
+    def evaluate(self, img_ids=None):
+        results = super().evaluate(img_ids)
+        if self._tide and results and self._output_dir and comm.is_main_process():
+            from .tide import format_tide_table, tide_breakdown
+
+            detections = os.path.join(self._output_dir, "coco_instances_results.json")
+            breakdown = tide_breakdown(self._metadata.json_file, detections, self._output_dir)
+            logger.info(format_tide_table(breakdown) + f"\n(written to {os.path.join(self._output_dir, 'tide.json')})")
+        return results
 
     def process(self, inputs, outputs):
         start = len(self._predictions)
