@@ -12,7 +12,7 @@ grid and fall outside the map; a sigmoid mask):
 * ``torchvision``: ``torchvision.ops.deform_conv2d`` (MODEL.YOLACT.DEFORM_CONV_IMPL torchvision);
 * ``ours``: :func:`yolact_d2.deform_conv.deform_conv2d` on the CPU (``auto``), weight cache warm
   as in a model, its GEMM through oneDNN;
-* ``ours, MKL GEMM``: the same with ``yolact_d2.deform_conv.ONEDNN_GEMM = False`` (``F.linear``),
+* ``ours, MKL GEMM``: the same with ``deform_conv2d(..., onednn_gemm=False)`` (``F.linear``),
   the evidence for that switch;
 * ``plain 3x3 conv``: ``F.conv2d`` of the same shape, the cost a deformable conv cannot go below
   by much (same multiply-adds, no sampling);
@@ -75,7 +75,6 @@ def block_shapes(config_file: str, opts=()) -> List[Dict]:
 
 def time_shape(shape: Dict, threads: int, repeat: int, batch: int, seed: int = 0) -> Dict:
     """Interleaved medians of the three implementations on one shape at ``threads``."""
-    from yolact_d2 import deform_conv as dc
     from yolact_d2.deform_conv import ColumnWeightCache, deform_conv2d
 
     torch.set_num_threads(threads)
@@ -92,11 +91,8 @@ def time_shape(shape: Dict, threads: int, repeat: int, batch: int, seed: int = 0
     cache = ColumnWeightCache()
 
     def mkl_gemm():
-        dc.ONEDNN_GEMM = False
-        try:
-            return deform_conv2d(x, offset, weight, bias, stride=s, padding=p, dilation=d, mask=mask, weight_cache=cache)
-        finally:
-            dc.ONEDNN_GEMM = True
+        return deform_conv2d(x, offset, weight, bias, stride=s, padding=p, dilation=d, mask=mask, weight_cache=cache,
+                             onednn_gemm=False)
 
     calls = {
         "torchvision": lambda: torchvision.ops.deform_conv2d(x, offset, weight, bias, stride=s, padding=p,

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-__all__ = ["DEFORM_CONV_IMPLS", "ONEDNN_GEMM", "deform_conv2d", "deformable_columns", "uses_cpu_path", "ColumnWeightCache"]
+__all__ = ["DEFORM_CONV_IMPLS", "deform_conv2d", "deformable_columns", "uses_cpu_path", "ColumnWeightCache"]
 
 # Values of MODEL.YOLACT.DEFORM_CONV_IMPL (yolact_d2/config.py).
 DEFORM_CONV_IMPLS = ("auto", "torchvision")
@@ -190,14 +190,11 @@ def _column_weight(weight: torch.Tensor) -> torch.Tensor:
     return weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1).contiguous()
 
 
-# The no-grad GEMM through oneDNN's inner product (torch.ops.mkldnn._linear_pointwise) rather than
-# F.linear (MKL): 1.1-1.3x faster per deformable layer on this project's AMD EPYC
-# (tools/deform_conv_benchmark.py times both). False: always F.linear.
-ONEDNN_GEMM = True
-
-
+# The no-grad GEMM goes through oneDNN's inner product (torch.ops.mkldnn._linear_pointwise) rather
+# than F.linear (MKL): 1.1-1.3x faster per deformable layer on this project's AMD EPYC
+# (tools/deform_conv_benchmark.py times both, the second with deform_conv2d(..., onednn_gemm=False)).
 def _onednn_linear_available() -> bool:
-    return ONEDNN_GEMM and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
 class ColumnWeightCache:
@@ -226,7 +223,7 @@ class ColumnWeightCache:
         return entry[1]
 
 
-def _cpu_deform_conv2d(input, offset, weight, bias, stride, padding, dilation, mask, weight_cache):
+def _cpu_deform_conv2d(input, offset, weight, bias, stride, padding, dilation, mask, weight_cache, onednn_gemm=True):
     n = input.shape[0]
     cout, _, kh, kw = weight.shape
     ho, wo = offset.shape[-2:]
@@ -234,7 +231,7 @@ def _cpu_deform_conv2d(input, offset, weight, bias, stride, padding, dilation, m
     weight_grad = grad and weight.requires_grad
     w2 = weight_cache.get(weight) if weight_cache is not None and not weight_grad else _column_weight(weight)
     needs_graph = grad and any(t is not None and t.requires_grad for t in (input, offset, mask, weight, bias))
-    onednn = not needs_graph and input.dtype == torch.float32 and _onednn_linear_available()
+    onednn = onednn_gemm and not needs_graph and input.dtype == torch.float32 and _onednn_linear_available()
     per_image = ho * wo * kh * kw * input.shape[1]
     chunk = max(1, min(n, _MAX_COLUMN_ELEMENTS // max(per_image, 1)))
     outs = []
@@ -242,7 +239,7 @@ def _cpu_deform_conv2d(input, offset, weight, bias, stride, padding, dilation, m
         e = min(n, s + chunk)
         cols = deformable_columns(input[s:e], offset[s:e], None if mask is None else mask[s:e],
                                   (kh, kw), stride, padding, dilation)
-        if onednn:  # oneDNN's inner product: faster than MKL's GEMM here (ONEDNN_GEMM)
+        if onednn:  # oneDNN's inner product: faster than MKL's GEMM here
             outs.append(torch.ops.mkldnn._linear_pointwise(cols, w2, bias, "none", [], ""))
         else:
             outs.append(F.linear(cols, w2, bias))
@@ -254,7 +251,7 @@ def _cpu_deform_conv2d(input, offset, weight, bias, stride, padding, dilation, m
 def deform_conv2d(
     input: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
     stride: IntPair = 1, padding: IntPair = 0, dilation: IntPair = 1, mask: Optional[torch.Tensor] = None,
-    impl: str = "auto", weight_cache: Optional[ColumnWeightCache] = None,
+    impl: str = "auto", weight_cache: Optional[ColumnWeightCache] = None, onednn_gemm: bool = True,
 ) -> torch.Tensor:
     """``torchvision.ops.deform_conv2d`` with the fast CPU path of this module (see its docstring).
 
@@ -267,10 +264,13 @@ def deform_conv2d(
         mask: (N, kh * kw, Hout, Wout) modulation in (0, 1) for DCNv2, None for DCNv1.
         impl: "auto" (the CPU path for CPU tensors, torchvision's op elsewhere) or "torchvision".
         weight_cache: a :class:`ColumnWeightCache` owned by the calling layer (inference only).
+        onednn_gemm: on the CPU path without autograd, float32, the GEMM through oneDNN (default,
+            faster here) or, False, ``F.linear`` (MKL); the outputs agree to float rounding.
     Returns:
         (N, Cout, Hout, Wout); on the CPU path channels-last when the input is channels-last.
     """
     if uses_cpu_path(input, offset, weight, impl):
-        return _cpu_deform_conv2d(input, offset, weight, bias, stride, padding, dilation, mask, weight_cache)
+        return _cpu_deform_conv2d(input, offset, weight, bias, stride, padding, dilation, mask, weight_cache,
+                                  onednn_gemm)
     return torchvision.ops.deform_conv2d(input, offset, weight, bias, stride=_pair(stride), padding=_pair(padding),
                                          dilation=_pair(dilation), mask=mask)
