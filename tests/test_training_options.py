@@ -3,7 +3,7 @@
 Each option builds, trains a step on a real photo with finite losses and round-trips through
 detectron2's checkpointer; the focal loss is checked against a brute-force reading of its formula;
 an original checkpoint is refused by a model with a norm option; a "sigmoid_focal" model scores
-with sigmoids wherever scores are made.
+with sigmoids wherever scores are made; the quality focal loss against its formula and its IoU targets.
 """
 import math
 
@@ -14,7 +14,8 @@ from detectron2.modeling import build_model
 
 from conftest import yolact_cfg
 from yolact_d2.checkpoint import CheckpointLayoutError, convert_torchvision_resnet_state_dict
-from yolact_d2.losses import sigmoid_focal_class_loss
+from yolact_d2 import losses
+from yolact_d2.losses import quality_focal_class_loss, sigmoid_focal_class_loss
 
 FIT_CONFIG = "configs/cpu/yolact_R_18_FPN_320_fit.yaml"
 CLASSES = ["person", "chair", "diningtable", "bottle"]  # the fit config's 4 classes
@@ -27,6 +28,7 @@ OPTIONS = {
     "no_fpn_relu": ["MODEL.YOLACT.FPN_OUTPUT_RELU", "False"],
     "linear_prototypes": ["MODEL.YOLACT.PROTOTYPE_ACTIVATION", "none"],
     "sigmoid_focal": ["MODEL.YOLACT.CLASS_LOSS", "sigmoid_focal"],
+    "quality_focal": ["MODEL.YOLACT.CLASS_LOSS", "quality_focal"],
 }
 
 
@@ -136,6 +138,85 @@ def test_sigmoid_focal_loss_matches_brute_force():
     changed[..., c] += 100.0
     changed[0, 3] -= 7.0
     assert sigmoid_focal_class_loss(changed, labels, c, alpha, gamma).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_quality_focal_loss_matches_brute_force():
+    g = torch.Generator().manual_seed(1)
+    c = 3
+    logits = torch.randn(2, 6, c + 1, generator=g) * 3
+    labels = torch.tensor([[0, 2, 3, -1, 3, 1], [3, 3, -1, 1, 0, 3]])
+    quality = torch.rand(2, 6, generator=g)
+    beta = 2.0
+    expected = 0.0
+    for i in range(2):
+        for a in range(6):
+            label = int(labels[i, a])
+            if label < 0:
+                continue
+            for k in range(c):
+                p = 1.0 / (1.0 + math.exp(-float(logits[i, a, k])))
+                y = float(quality[i, a]) if k == label else 0.0
+                expected += abs(y - p) ** beta * -(y * math.log(p) + (1 - y) * math.log(1 - p))
+    got = quality_focal_class_loss(logits, labels, quality, c, beta)
+    assert got.item() == pytest.approx(expected, rel=1e-5)
+    # With every quality 1 it is the focal loss without alpha (alpha 0.5, doubled).
+    ones = torch.ones(2, 6)
+    assert quality_focal_class_loss(logits, labels, ones, c, beta).item() == pytest.approx(
+        2 * sigmoid_focal_class_loss(logits, labels, c, 0.5, beta).item(), rel=1e-5
+    )
+
+
+def test_quality_focal_targets_are_the_iou_of_each_positive_predicted_box(monkeypatch):
+    """The loss's positive targets against a brute-force IoU of the decoded boxes with their ground truth."""
+    from detectron2.config import get_cfg
+    from detectron2.structures import BitMasks, Boxes, Instances
+    from torchvision.ops import box_iou
+
+    from yolact_d2.config import add_yolact_config
+    from yolact_d2.priors import priors_to_boxes
+
+    cfg = get_cfg()
+    add_yolact_config(cfg)
+    cfg.MODEL.YOLACT.NUM_CLASSES, cfg.MODEL.YOLACT.CLASS_LOSS = 2, "quality_focal"
+    cfg.MODEL.YOLACT.POS_IOU_THRESH, cfg.MODEL.YOLACT.NEG_IOU_THRESH = 0.3, 0.2
+    g = torch.Generator().manual_seed(0)
+    a, k, s = 64, 4, 16
+    priors = torch.cat([torch.rand(a, 2, generator=g), 0.2 + 0.4 * torch.rand(a, 2, generator=g)], dim=1)
+    out = {
+        "priors": priors,
+        "box_deltas": 0.3 * torch.randn(1, a, 4, generator=g),
+        "class_logits": torch.randn(1, a, 3, generator=g),
+        "mask_coeffs": torch.randn(1, a, k, generator=g),
+        "prototypes": torch.randn(1, s, s, k, generator=g),
+    }
+    inst = Instances((100, 100))
+    inst.gt_boxes = Boxes(torch.tensor([[10.0, 20.0, 60.0, 70.0], [40.0, 30.0, 90.0, 95.0]]))
+    inst.gt_classes = torch.tensor([0, 1])
+    masks = torch.zeros(2, 100, 100, dtype=torch.bool)
+    masks[0, 20:70, 10:60] = masks[1, 30:95, 40:90] = True
+    inst.gt_masks = BitMasks(masks)
+    seen = {}
+
+    def spy(logits, labels, quality, num_classes, beta):
+        seen.update(labels=labels, quality=quality)
+        return quality_focal_class_loss(logits, labels, quality, num_classes, beta)
+
+    monkeypatch.setattr(losses, "quality_focal_class_loss", spy)
+    criterion = losses.YolactLoss(cfg)
+    result = criterion(out, torch.zeros(1, 2, s, s), [inst], [None])
+    labels, quality = seen["labels"][0], seen["quality"][0]
+    pos = (labels >= 0) & (labels < 2)
+    assert pos.sum() >= 2 and torch.isfinite(result["loss_cls"])
+    gt = inst.gt_boxes.tensor / 100.0
+    decoded = criterion.box_coder.apply_deltas(out["box_deltas"][0], priors_to_boxes(priors))
+    for j in pos.nonzero().squeeze(1).tolist():
+        # Each positive is matched to the ground truth it overlaps best (its class is the label).
+        ious = box_iou(decoded[j : j + 1], gt)[0]
+        prior_ious = box_iou(priors_to_boxes(priors)[j : j + 1], gt)[0]
+        want = ious[int(prior_ious.argmax())]
+        assert int(labels[j]) == int(prior_ious.argmax())
+        assert quality[j].item() == pytest.approx(want.item(), abs=1e-5)
+    assert (quality[~pos] == 0).all()
 
 
 def test_focal_model_starts_at_the_prior_probability():

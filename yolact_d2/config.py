@@ -97,7 +97,10 @@ def add_yolact_config(cfg):
     _C.MODEL.YOLACT.CROWD_IOU_THRESH = 0.7
     # Class loss: "ohem" (softmax cross-entropy, positives + NEG_POS_RATIO hard negatives each; the
     # paper) or "sigmoid_focal" (original use_sigmoid_focal_loss: per-class sigmoid focal loss over
-    # every non-ignored prior, background logit unused; scores become sigmoids at inference).
+    # every non-ignored prior, background logit unused; scores become sigmoids at inference) or
+    # "quality_focal" (not in the original: Li et al. 2020's quality focal loss, sigmoid scores whose
+    # positive target is the IoU of the prior's predicted box with its ground truth, so that scores
+    # rank by localisation too; FOCAL_LOSS_GAMMA is its beta, FOCAL_LOSS_ALPHA unused).
     _C.MODEL.YOLACT.CLASS_LOSS = "ohem"
     # Hard negatives per positive in the class loss (online hard-negative mining).
     _C.MODEL.YOLACT.NEG_POS_RATIO = 3

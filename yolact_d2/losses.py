@@ -5,7 +5,9 @@ positive priors N_pos:
 
 - ``loss_cls``: softmax cross-entropy over positives and 3:1 online hard negatives, or with
   ``CLASS_LOSS: "sigmoid_focal"`` (original ``use_sigmoid_focal_loss``) the sigmoid focal loss
-  over every non-ignored prior (see :func:`sigmoid_focal_class_loss`);
+  over every non-ignored prior (see :func:`sigmoid_focal_class_loss`), or with
+  ``"quality_focal"`` (not in the original) the quality focal loss whose positive targets are the
+  IoU of the predicted box (see :func:`quality_focal_class_loss`);
 - ``loss_box_reg``: 1.5 x smooth-L1 of SSD-coded boxes of positives;
 - ``loss_mask``: 6.125 x BCE of assembled masks, cropped to the matched ground-truth box and
   normalised by that box's area on the prototype grid;
@@ -21,13 +23,20 @@ from typing import Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
+from detectron2.structures.boxes import matched_pairwise_iou
 from detectron2.structures import BitMasks, Boxes, Instances, PolygonMasks, pairwise_ioa
 from torchvision.ops import box_iou, sigmoid_focal_loss
 
 from .mask_assembly import assemble_masks, crop_masks
 from .priors import build_box_coder, priors_to_boxes
 
-__all__ = ["YolactLoss", "match_priors", "gt_masks_as_tensor", "sigmoid_focal_class_loss"]
+__all__ = [
+    "YolactLoss", "match_priors", "gt_masks_as_tensor", "sigmoid_focal_class_loss", "quality_focal_class_loss",
+    "SIGMOID_CLASS_LOSSES",
+]
+
+# Class losses whose scores are an independent sigmoid per class (background logit unused).
+SIGMOID_CLASS_LOSSES = ("sigmoid_focal", "quality_focal")
 
 
 def match_priors(
@@ -108,6 +117,36 @@ def sigmoid_focal_class_loss(
     x = logits[valid][:, :num_classes]
     targets = F.one_hot(labels[valid], num_classes + 1)[:, :num_classes].to(x.dtype)
     return sigmoid_focal_loss(x, targets, alpha=alpha, gamma=gamma, reduction="sum")
+
+
+def quality_focal_class_loss(
+    logits: torch.Tensor, labels: torch.Tensor, quality: torch.Tensor, num_classes: int, beta: float = 2.0
+) -> torch.Tensor:
+    """Summed quality focal loss (Li et al., "Generalized Focal Loss", NeurIPS 2020, Sec. 3.1).
+
+    Not in the original YOLACT. The target of a positive prior's ground-truth class is the IoU
+    of its predicted box with its ground-truth box (``quality``, no gradient) instead of 1, so
+    that the class score ranks detections by localisation quality too; every other target is 0.
+    Per prior with label >= 0 and class, with p = sigmoid(x) and target y in [0, 1]:
+    ``|y - p|^beta * BCE(p, y)`` (no alpha). Ignored priors (label -1) do not count.
+
+    Args:
+        logits: (..., C + 1) class logits, background last.
+        labels: (...) int64 in {-1, 0..C}: ignored, foreground class, background.
+        quality: (...) float in [0, 1], the target of the ground-truth class on positives (values
+            elsewhere unused).
+        beta: the focusing exponent (MODEL.YOLACT.FOCAL_LOSS_GAMMA; 2 in the paper).
+    Returns:
+        scalar, the sum over priors and classes.
+    """
+    valid = labels >= 0
+    x = logits[valid][:, :num_classes].float()
+    lab = labels[valid]
+    onehot = F.one_hot(lab, num_classes + 1)[:, :num_classes].to(x.dtype)
+    targets = onehot * quality[valid].detach().to(x.dtype).clamp(0, 1)[:, None]
+    p = torch.sigmoid(x)
+    bce = F.binary_cross_entropy_with_logits(x, targets, reduction="none")
+    return ((targets - p).abs().pow(beta) * bce).sum()
 
 
 def gt_masks_as_tensor(instances: Instances) -> torch.Tensor:
@@ -234,7 +273,7 @@ class YolactLoss:
                 stats["forced_only"] = (best < self.pos_thresh).sum()
                 if num_pos > 0:
                     pos_logits = logits[pos].float()
-                    probs = torch.sigmoid(pos_logits) if self.class_loss == "sigmoid_focal" else pos_logits.softmax(-1)
+                    probs = torch.sigmoid(pos_logits) if self.class_loss in SIGMOID_CLASS_LOSSES else pos_logits.softmax(-1)
                     stats["fg_prob_pos"] = probs.gather(1, labels[pos][:, None]).mean()
                 else:
                     stats["fg_prob_pos"] = logits.new_tensor(float("nan"))
@@ -248,6 +287,13 @@ class YolactLoss:
 
         if self.class_loss == "sigmoid_focal":
             loss_cls = sigmoid_focal_class_loss(logits, labels, c, self.focal_alpha, self.focal_gamma)
+        elif self.class_loss == "quality_focal":
+            quality = logits.new_zeros(labels.shape, dtype=torch.float32)
+            if num_pos > 0:
+                with torch.no_grad():
+                    pred = self.box_coder.apply_deltas(deltas[pos].float(), prior_boxes.expand(n, -1, -1)[pos])
+                    quality[pos] = matched_pairwise_iou(Boxes(pred), Boxes(torch.stack(matched_boxes)[pos].float()))
+            loss_cls = quality_focal_class_loss(logits, labels, quality, c, self.focal_gamma)
         else:
             # Softmax cross-entropy with online hard-negative mining, per image, ranked by
             # background loss.

@@ -16,7 +16,7 @@ from .config import detections_per_image
 from .errors import ConfigError
 from .fast_nms import multiclass_nms
 from .head import YolactHead, xavier_init_convs
-from .losses import YolactLoss
+from .losses import SIGMOID_CLASS_LOSSES, YolactLoss
 from .mask_rescoring import FastMaskIoUNet
 from .mask_assembly import assemble_masks, crop_masks, upsample_masks
 from .priors import PriorGenerator, build_box_coder, priors_to_boxes, to_pixel_boxes
@@ -108,7 +108,8 @@ class YOLACT(nn.Module):
             pixel_mean, pixel_std: per input channel, 0-255 units.
             score_thresh, nms_type ("fast", "cluster", "standard"), nms_class_agnostic,
             nms_thresh, nms_top_k, max_detections, mask_threshold: detection settings (see
-                ``add_yolact_config``); class_loss: "ohem" (softmax scores) or "sigmoid_focal".
+                ``add_yolact_config``); class_loss: "ohem" (softmax scores), "sigmoid_focal" or
+                "quality_focal" (sigmoid scores).
             non_original_options: options that make an original checkpoint unusable (refused on load).
             compile_mode: ``torch.compile`` mode of the inference network ("" = eager);
             channels_last: run the convolutions in channels-last memory format.
@@ -120,8 +121,10 @@ class YOLACT(nn.Module):
         super().__init__()
         if nms_type not in ("fast", "cluster", "standard"):
             raise ConfigError(f"MODEL.YOLACT.NMS_TYPE is {nms_type!r}; use 'fast', 'cluster' or 'standard'")
-        if class_loss not in ("ohem", "sigmoid_focal"):
-            raise ConfigError(f"MODEL.YOLACT.CLASS_LOSS is {class_loss!r}; use 'ohem' or 'sigmoid_focal'")
+        if class_loss not in ("ohem",) + SIGMOID_CLASS_LOSSES:
+            raise ConfigError(
+                f"MODEL.YOLACT.CLASS_LOSS is {class_loss!r}; use 'ohem', 'sigmoid_focal' or 'quality_focal'"
+            )
         if len(pixel_mean) != len(pixel_std):
             raise ConfigError("MODEL.PIXEL_MEAN and MODEL.PIXEL_STD must have the same length")
         self.num_classes = num_classes
@@ -194,7 +197,7 @@ class YOLACT(nn.Module):
         fpn_convs = [m for n, m in backbone.named_modules() if not n.startswith("bottom_up")]
         rescoring = list(mask_rescoring.modules()) if mask_rescoring is not None else []
         xavier_init_convs(fpn_convs + list(protonet.modules()) + [sem_seg_head] + rescoring)
-        if y.CLASS_LOSS == "sigmoid_focal":
+        if y.CLASS_LOSS in SIGMOID_CLASS_LOSSES:
             head.init_focal_bias(y.FOCAL_LOSS_PRIOR_PROB)
         d = y.DIAGNOSTICS
         return {
@@ -294,9 +297,10 @@ class YOLACT(nn.Module):
         Returns:
             (..., C + 1) in [0, 1]. ``CLASS_LOSS`` "ohem": softmax over the C + 1 classes (the
             paper). "sigmoid_focal": an independent sigmoid per class, as the original with
-            ``use_sigmoid_focal_loss``; the background column is then untrained and unused.
+            ``use_sigmoid_focal_loss``, and "quality_focal"; the background column is then untrained and
+            unused.
         """
-        if self.class_loss == "sigmoid_focal":
+        if self.class_loss in SIGMOID_CLASS_LOSSES:
             return torch.sigmoid(class_logits)
         return F.softmax(class_logits, dim=-1)
 
