@@ -168,17 +168,15 @@ def test_quality_focal_loss_matches_brute_force():
 
 def test_quality_focal_targets_are_the_iou_of_each_positive_predicted_box(monkeypatch):
     """The loss's positive targets against a brute-force IoU of the decoded boxes with their ground truth."""
-    from detectron2.config import get_cfg
     from detectron2.structures import BitMasks, Boxes, Instances
     from torchvision.ops import box_iou
 
-    from yolact_d2.config import add_yolact_config
     from yolact_d2.priors import priors_to_boxes
 
-    cfg = get_cfg()
-    add_yolact_config(cfg)
-    cfg.MODEL.YOLACT.NUM_CLASSES, cfg.MODEL.YOLACT.CLASS_LOSS = 2, "quality_focal"
-    cfg.MODEL.YOLACT.POS_IOU_THRESH, cfg.MODEL.YOLACT.NEG_IOU_THRESH = 0.3, 0.2
+    cfg = yolact_cfg(FIT_CONFIG, [
+        "MODEL.YOLACT.NUM_CLASSES", "2", "MODEL.YOLACT.CLASS_LOSS", "quality_focal",
+        "MODEL.YOLACT.POS_IOU_THRESH", "0.3", "MODEL.YOLACT.NEG_IOU_THRESH", "0.2",
+    ])
     g = torch.Generator().manual_seed(0)
     a, k, s = 64, 4, 16
     priors = torch.cat([torch.rand(a, 2, generator=g), 0.2 + 0.4 * torch.rand(a, 2, generator=g)], dim=1)

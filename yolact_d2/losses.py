@@ -23,8 +23,8 @@ from typing import Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
-from detectron2.structures.boxes import matched_pairwise_iou
 from detectron2.structures import BitMasks, Boxes, Instances, PolygonMasks, pairwise_ioa
+from detectron2.structures.boxes import matched_pairwise_iou
 from torchvision.ops import box_iou, sigmoid_focal_loss
 
 from .mask_assembly import assemble_masks, crop_masks
