@@ -28,8 +28,12 @@ from yolact_d2.data import (
     RandomPhotometricDistort,
     SSDRandomCrop,
     YolactDatasetMapper,
+    CopyPasteDatasetMapper,
     build_yolact_train_augmentation,
+    paste_instances,
 )
+from yolact_d2.data.copy_paste import check_copy_paste_config
+from yolact_d2.errors import ConfigError
 
 SHARED_DATA = DATA  # ../shared/data, or $YOLACT_D2_SHARED/data
 PIXEL_MEAN = [123.68, 116.78, 103.94]  # RGB
@@ -585,3 +589,123 @@ def test_mapper_test_mode_returns_unresized_image(voc, tmp_path):
     np.testing.assert_array_equal(out["image"].permute(1, 2, 0).numpy(), voc["rgb"])
     assert "instances" not in out and "annotations" not in out
     assert (out["height"], out["width"]) == (375, 500)
+
+
+# ---------------------------------------------------------------------------------- copy-paste
+def _instances(masks, classes):
+    from detectron2.structures import Instances
+
+    h, w = masks.shape[1:]
+    ins = Instances((h, w))
+    ins.gt_masks = BitMasks(torch.as_tensor(masks))
+    ins.gt_boxes = ins.gt_masks.get_bounding_boxes()
+    ins.gt_classes = torch.as_tensor(classes, dtype=torch.int64)
+    return ins
+
+
+def _square(h, w, x1, y1, x2, y2):
+    m = np.zeros((h, w), bool)
+    m[y1:y2, x1:x2] = True
+    return m
+
+
+def test_paste_occludes_recomputes_boxes_and_drops_covered_objects():
+    h = w = 80
+    rng = np.random.default_rng(0)
+    image, src_image = rng.integers(0, 256, (2, h, w, 3), dtype=np.uint8)
+    # Target: a box cut on its right by the paste, one covered entirely, one untouched.
+    dst = _instances(np.stack([_square(h, w, 10, 10, 40, 40), _square(h, w, 30, 50, 34, 54),
+                               _square(h, w, 60, 60, 75, 70)]), [0, 1, 2])
+    # Source: a full-height band x 25..58 (pasted) and an object not chosen.
+    src = _instances(np.stack([_square(h, w, 25, 0, 58, 80), _square(h, w, 0, 0, 5, 5)]), [3, 1])
+    out_image, out = paste_instances(image, dst, src_image, src, np.array([True, False]), 1.0, (0, 0), 4.0)
+    assert out.gt_classes.tolist() == [0, 2, 3]  # the covered one is gone; the pasted one last
+    np.testing.assert_array_equal(out.gt_boxes.tensor.numpy(), [[10, 10, 25, 40], [60, 60, 75, 70], [25, 0, 58, 80]])
+    band = _square(h, w, 25, 0, 58, 80)
+    np.testing.assert_array_equal(out_image[band], src_image[band])  # scale 1 at (0, 0): the same pixels
+    np.testing.assert_array_equal(out_image[~band], image[~band])
+
+
+def test_pasted_masks_lie_in_their_window_and_every_box_is_its_visible_mask(voc):
+    h = w = 96
+    small = [cv2.resize(m.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST).astype(bool) for m in voc["masks"]]
+    keep = [i for i, m in enumerate(small) if m.sum() > 40]
+    masks = np.stack([small[i] for i in keep])
+    image = cv2.resize(voc["rgb"], (w, h))
+    dst = _instances(masks, np.arange(len(keep)) % 5)
+    src_image = image[:, ::-1].copy()
+    src = _instances(masks[:, :, ::-1].copy(), np.arange(len(keep)) % 5 + 10)
+    rng = np.random.default_rng(1)
+    for trial in range(6):
+        chosen = rng.random(len(keep)) < 0.6
+        chosen[trial % len(keep)] = True
+        scale = float(rng.uniform(0.4, 1.0))
+        nh, nw = int(round(scale * h)), int(round(scale * w))
+        x0, y0 = int(rng.integers(0, w - nw + 1)), int(rng.integers(0, h - nh + 1))
+        out_image, out = paste_instances(image, dst, src_image, src, chosen, scale, (x0, y0), 0.0)
+        got = out.gt_masks.tensor.numpy()
+        pasted = got[out.gt_classes.numpy() >= 10]
+        covered = pasted.any(0)
+        window = _square(h, w, x0, y0, x0 + nw, y0 + nh)
+        assert not (covered & ~window).any()  # inside the image and inside the placed source
+        for m, area in zip(pasted, src.gt_masks.tensor.numpy()[chosen].sum((1, 2))):
+            assert m.sum() == pytest.approx(scale ** 2 * area, rel=0.25, abs=6)
+        # The target's objects lost exactly the pasted pixels (those left at all).
+        visible = masks & ~covered
+        left = [i for i in range(len(keep)) if visible[i].any()]
+        np.testing.assert_array_equal(got[out.gt_classes.numpy() < 10], visible[left])
+        assert (got.sum(0) <= 1).all()  # no pixel in two objects (the VOC masks are disjoint)
+        for m, b in zip(got, out.gt_boxes.tensor.numpy()):
+            np.testing.assert_array_equal(mask_box(m), b)
+        np.testing.assert_array_equal(out_image[~covered], image[~covered])
+        assert (out_image[covered].astype(int).mean(0) != image[covered].astype(int).mean(0)).any() or not covered.any()
+
+
+@pytest.mark.parametrize("mask_format", ["bitmask", "polygon"])
+def test_copy_paste_mapper_output(voc, tmp_path, mask_format):
+    d = voc_dataset_dict(voc, tmp_path, mask_format)
+    flipped = dict(d, image_id=2, file_name=str(tmp_path / "flipped.png"))
+    cv2.imwrite(flipped["file_name"], voc["rgb"][:, ::-1, ::-1])
+    flipped["annotations"] = [dict(a, category_id=a["category_id"] + 20,
+                                   bbox=[500 - a["bbox"][2], a["bbox"][1], 500 - a["bbox"][0], a["bbox"][3]],
+                                   segmentation=rle(m[:, ::-1]) if mask_format == "bitmask" else polygons(m[:, ::-1]))
+                              for a, m in zip(d["annotations"], voc["masks"])]
+    cfg = make_cfg(mask_format)
+    cfg.MODEL.META_ARCHITECTURE = "YOLACT"
+    cfg.INPUT.COPY_PASTE.ENABLED = True
+    cfg.INPUT.COPY_PASTE.SOURCES = 2
+    mapper = CopyPasteDatasetMapper(cfg, is_train=True, dataset_dicts=[flipped])
+    plain = YolactDatasetMapper(cfg, is_train=True)
+    pasted_any = False
+    for seed in range(3):
+        np.random.seed(seed)
+        out = mapper(d)
+        ins = check_mapper_output(out, 375, 500, BitMasks)
+        masks = ins.gt_masks.tensor.numpy()
+        assert masks.reshape(len(ins), -1).any(1).all()
+        if mask_format == "bitmask":  # disjoint RLE masks stay disjoint (rasterised polygons touch)
+            assert (masks.sum(0) <= 1).all()
+        pasted_any |= bool((ins.gt_classes >= 20).any())
+    assert pasted_any
+    cfg.INPUT.COPY_PASTE.PROB = 0.0  # never pasting: the plain mapper's output
+    mapper = CopyPasteDatasetMapper(cfg, is_train=True, dataset_dicts=[flipped])
+    np.random.seed(5)
+    a = mapper(d)
+    np.random.seed(5)
+    b = plain(d)
+    assert torch.equal(a["image"], b["image"]) and a["instances"].gt_classes.tolist() == b["instances"].gt_classes.tolist()
+
+
+@pytest.mark.parametrize("key,value", [("PROB", 1.5), ("SOURCES", 0), ("SCALE", (0.5, 1.5))])
+def test_copy_paste_bad_values_are_named(key, value):
+    cfg = make_cfg()
+    cfg.MODEL.META_ARCHITECTURE = "YOLACT"
+    cfg.INPUT.COPY_PASTE.ENABLED = True
+    setattr(cfg.INPUT.COPY_PASTE, key, value)
+    with pytest.raises(ConfigError, match=f"INPUT.COPY_PASTE.{key}"):
+        check_copy_paste_config(cfg)
+    cfg = make_cfg()
+    cfg.MODEL.META_ARCHITECTURE = "GeneralizedRCNN"
+    cfg.INPUT.COPY_PASTE.ENABLED = True
+    with pytest.raises(ConfigError, match="META_ARCHITECTURE YOLACT"):
+        check_copy_paste_config(cfg)

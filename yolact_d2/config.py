@@ -217,6 +217,17 @@ def add_yolact_config(cfg):
     # Boxes narrower or shorter than this many pixels after the final resize are dropped.
     _C.INPUT.SSD.MIN_BOX_SIZE = 4.0
 
+    # Copy-paste augmentation (Ghiasi et al., CVPR 2021; not in the original): paste the objects of
+    # other training images onto each training image (yolact_d2/data/copy_paste.py). YOLACT only.
+    _C.INPUT.COPY_PASTE = CN()
+    _C.INPUT.COPY_PASTE.ENABLED = False
+    # Chance, per training image, of receiving pasted objects.
+    _C.INPUT.COPY_PASTE.PROB = 1.0
+    # Other images pasted from, one after the other (each: a random half of its objects, at least one).
+    _C.INPUT.COPY_PASTE.SOURCES = 1
+    # (min, max) scale factor of a source image before it is placed at a random offset; 0 < min <= max <= 1.
+    _C.INPUT.COPY_PASTE.SCALE = (0.5, 1.0)
+
 
 def detections_per_image(cfg) -> int:
     """Detections kept per image: ``TEST.DETECTIONS_PER_IMAGE``, unless the deprecated alias

@@ -32,6 +32,7 @@ from .checkpointer import TRAINING_MIN_SHARE, PeriodicCheckpointer, YolactCheckp
 from .config import load_config
 from .console import HelpFormatter, plain_files_and_pipes, quiet_console
 from .data import YolactDatasetMapper
+from .data.copy_paste import CopyPasteDatasetMapper, check_copy_paste_config
 from .data.custom import apply_coco_json_datasets
 from .data.dataset_check import check_datasets
 from .data.dataset_mapper import check_annotations, check_dataset_classes, drop_degenerate_annotations
@@ -157,7 +158,10 @@ class Trainer(StoppableTraining, DefaultTrainer):
         dataset = checked_dataset_dicts(cfg, cfg.DATASETS.TRAIN)
         mapper = None
         if cfg.MODEL.META_ARCHITECTURE == "YOLACT":
-            mapper = YolactDatasetMapper(cfg, is_train=True)
+            if cfg.INPUT.COPY_PASTE.ENABLED:
+                mapper = CopyPasteDatasetMapper(cfg, is_train=True, dataset_dicts=dataset)
+            else:
+                mapper = YolactDatasetMapper(cfg, is_train=True)
             if cfg.MODEL.YOLACT.DIAGNOSTICS.ENABLED and comm.is_main_process():
                 log_dataset_prior_coverage(cfg, dataset, cfg.MODEL.YOLACT.DIAGNOSTICS.FORCED_ONLY_WARN)
                 warn_small_batch_norm(cfg, comm.get_world_size())
@@ -243,6 +247,7 @@ def setup(args, prepare: Optional[Callable] = None, quiet: bool = False):
     # SOLVER.MAX_EPOCHS / TEST.EVAL_PERIOD_EPOCHS to iterations, logged (yolact_d2/schedule.py).
     apply_schedule_units(cfg, train_dicts, eval_only=getattr(args, "eval_only", False))
     check_tide(cfg)  # TEST.TIDE without tidecv: one line now, not after training
+    check_copy_paste_config(cfg)
     cfg.freeze()
     default_setup(cfg, args)
     return cfg

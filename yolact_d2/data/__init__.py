@@ -9,6 +9,7 @@ from .augmentations import (
     SSDRandomCrop,
     build_yolact_train_augmentation,
 )
+from .copy_paste import CopyPasteDatasetMapper, paste_instances
 from .dataset_mapper import YolactDatasetMapper
 
 __all__ = [
@@ -21,4 +22,6 @@ __all__ = [
     "SSDRandomCrop",
     "build_yolact_train_augmentation",
     "YolactDatasetMapper",
+    "CopyPasteDatasetMapper",
+    "paste_instances",
 ]
