@@ -12,6 +12,7 @@ import torch
 from conftest import DATA, need, yolact_cfg
 from helpers import CONFIG, TINY
 from helpers import train_net_in_process as train_net
+from yolact_d2.schedule import budget_steps
 
 
 def read_state(path):
@@ -200,3 +201,47 @@ def test_epochs_periodic_evaluation_and_tide_through_train_net(tmp_path, subsets
     tide = json.loads((out / "inference" / "tide.json").read_text())
     assert set(tide) == {"bbox", "segm"}
     assert set(tide["segm"]["main"]) == {"Cls", "Loc", "Both", "Dupe", "Bkg", "Miss"}
+
+
+def test_budget_steps_arithmetic():
+    # 40 iterations in 100 s (2.5 s each), 600 s budget: 200 more fit -> 240 of MAX_ITER 1000.
+    assert budget_steps((800, 900), 1000, 40, 40, 100.0, 600.0) == (240, (192, 216))
+    # Resumed at 500: this process ran 40 of the 540; never past MAX_ITER.
+    assert budget_steps((800,), 1000, 540, 40, 100.0, 600.0) == (740, (592,))
+    assert budget_steps((800,), 1000, 40, 40, 1.0, 600.0) == (1000, (800,))
+    assert budget_steps((800,), 1000, 40, 40, 700.0, 600.0) == (40, (32,))  # over budget already
+
+
+@pytest.mark.slow
+def test_max_time_moves_the_lr_steps_to_the_iterations_that_fit(tmp_path, caplog, monkeypatch):
+    """A scripted clock (6 s per iteration), SOLVER.MAX_TIME 1 min, MAX_ITER 100, STEPS (50,): the
+    plan after 5 iterations (plan_after, WARMUP_ITERS + 20 in a real run, set to 5 here) moves the
+    lr step to half of the 12 iterations that fit, and the budget ends the run."""
+    from yolact_d2 import schedule
+
+    caplog.set_level("INFO", logger="yolact_d2")
+    holder = {}
+    monkeypatch.setattr(schedule, "_now", lambda: 6.0 * holder["trainer"].iter if "trainer" in holder else 0.0)
+    real_init = schedule.EarlyStop.__init__
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        self.plan_after = 5
+
+    monkeypatch.setattr(schedule.EarlyStop, "__init__", init)
+    real_before = schedule.EarlyStop.before_train
+
+    def before_train(self):
+        holder["trainer"] = self.trainer
+        real_before(self)
+
+    monkeypatch.setattr(schedule.EarlyStop, "before_train", before_train)
+    trainer, evaluated = scripted_run(tmp_path, [5.0], ["SOLVER.MAX_ITER", "100", "SOLVER.STEPS", "(50,)",
+                                                        "SOLVER.MAX_TIME", "1.0", "SOLVER.BASE_LR", "0.01"])
+    # After iteration 4 (5 done, the clock at 24 s: 4.8 s each), 36 s left fit 7 more: 12 planned, step 6.
+    assert "SOLVER.MAX_TIME 1 min: 5 iterations in 0.40 min -> about 12 iterations fit (SOLVER.MAX_ITER 100); " \
+           "lr steps (6,) (were (50,))" in caplog.text
+    # The clock reaches 60 s after iteration 10: the last one.
+    assert trainer.iter == 11 and evaluated == [10]
+    lrs = {it: lr for lr, it in trainer.storage.history("lr").values()}
+    assert [lrs[i] for i in (4, 5, 6, 10)] == pytest.approx([0.01, 0.01, 0.001, 0.001])

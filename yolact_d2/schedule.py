@@ -29,7 +29,7 @@ from fvcore.common.checkpoint import PeriodicCheckpointer
 from .errors import ConfigError
 
 __all__ = ["apply_schedule_units", "iterations_per_epoch", "best_metric_name", "BestCheckpointer",
-           "EarlyStop", "StopTraining", "StoppableTraining", "schedule_hooks", "BEST_STATE_KEY"]
+           "EarlyStop", "budget_steps", "StopTraining", "StoppableTraining", "schedule_hooks", "BEST_STATE_KEY"]
 
 logger = logging.getLogger(__name__)
 
@@ -195,6 +195,33 @@ class StopTraining(BaseException):
     :class:`StoppableTraining` catches it."""
 
 
+def _now() -> float:
+    # The training loop's clock, in seconds (a module function, so tests can script the time).
+    return time.perf_counter()
+
+
+def budget_steps(steps, max_iter: int, iteration: int, done: int, elapsed_s: float, budget_s: float):
+    """The iterations a time budget allows, and the lr steps at the same fractions of them.
+
+    Args:
+        steps: ``SOLVER.STEPS`` (iterations, for a run of ``max_iter`` iterations).
+        max_iter: ``SOLVER.MAX_ITER``, the upper bound of the run.
+        iteration: iterations run so far, counted from 0 (a resumed run's included).
+        done: of those, the iterations this process ran in ``elapsed_s`` (> 0).
+        elapsed_s: seconds of this process's training loop (periodic evaluations included).
+        budget_s: ``SOLVER.MAX_TIME`` in seconds.
+
+    Returns:
+        ``(planned, new_steps)``: ``planned`` = ``iteration`` + the whole iterations that fit in
+        the time left at this process's mean pace, at most ``max_iter``; each step scaled by
+        ``planned / max_iter`` (rounded).
+    """
+    per_iteration = elapsed_s / done
+    left = max(0.0, budget_s - elapsed_s)
+    planned = min(int(max_iter), int(iteration) + int(left // per_iteration))
+    return planned, tuple(int(round(step * planned / max_iter)) for step in steps)
+
+
 class EarlyStop(HookBase):
     """Ends training after the current iteration when ``best`` (a :class:`BestCheckpointer`)
     counts ``patience`` evaluations in a row without gain (0 = off), or when ``max_minutes``
@@ -203,14 +230,53 @@ class EarlyStop(HookBase):
     ``trainer.checkpointer`` (at this iteration, tagged last), ``trainer.iter`` and ``max_iter``
     set as after the last iteration, so the final evaluation and the writers run in
     ``after_train``; an evaluation done at this very iteration is reused as the final one.
-    Place it last (:func:`schedule_hooks`)."""
+    Place it last (:func:`schedule_hooks`).
 
-    def __init__(self, best=None, patience: int = 0, max_minutes: float = 0.0):
+    With a time budget and ``cfg`` (the run's config) the lr steps follow the budget: once
+    ``plan_after`` iterations have run, and again after each periodic evaluation, the iterations
+    that fit (:func:`budget_steps`, the mean pace so far, evaluations included) replace
+    ``SOLVER.MAX_ITER`` in the lr schedule, so ``SOLVER.STEPS`` stay at their fractions of the
+    planned total; logged each time. Once an lr step has been passed the plan is kept. The
+    trainer's ``max_iter`` stays the upper bound; the budget ends the run."""
+
+    def __init__(self, best=None, patience: int = 0, max_minutes: float = 0.0, cfg=None, plan_after: int = 20):
         self.best, self.patience, self.max_minutes = best, patience, max_minutes
+        self.cfg, self.plan_after = cfg, int(plan_after)
         self.stopped_at = None
+        self.planned = None  # (planned iterations, lr steps) of the latest plan
 
     def before_train(self):
-        self._start = time.perf_counter()
+        self._start = _now()
+        self._start_iter = self.trainer.start_iter
+        if self.cfg is not None:
+            self._steps = tuple(self.cfg.SOLVER.STEPS)
+
+    def _plan(self):
+        # Rebuild the lr scheduler for the iterations the budget allows (see the class docstring).
+        from detectron2.solver import build_lr_scheduler
+
+        trainer, cfg, i = self.trainer, self.cfg, self.trainer.iter
+        if not self._steps or min(self._steps) <= i + 1:
+            return  # no step, or one already passed: the plan is kept
+        elapsed = _now() - self._start
+        # Rank 0's plan on every process, so that all of them keep one lr.
+        planned, steps = _broadcast(budget_steps(cfg.SOLVER.STEPS, cfg.SOLVER.MAX_ITER, i + 1,
+                                                 i + 1 - self._start_iter, elapsed, self.max_minutes * 60.0))
+        steps = tuple(max(step, i + 2) for step in steps)  # a step the plan puts in the past: the next iteration
+        if steps == self._steps:
+            return
+        plan_cfg = cfg.clone()
+        plan_cfg.defrost()
+        plan_cfg.SOLVER.MAX_ITER, plan_cfg.SOLVER.STEPS = planned, steps
+        scheduler = build_lr_scheduler(plan_cfg, trainer.optimizer)
+        scheduler.last_epoch = i
+        scheduler.step()  # the lr of iteration i + 1 under the new plan
+        trainer.scheduler = scheduler  # detectron2's LRScheduler hook steps trainer.scheduler
+        logger.info(f"SOLVER.MAX_TIME {self.max_minutes:g} min: {i + 1 - self._start_iter} iterations in "
+                    f"{elapsed / 60:.2f} min -> about "
+                    f"{planned} iterations fit (SOLVER.MAX_ITER {cfg.SOLVER.MAX_ITER}); lr steps {steps} "
+                    f"(were {self._steps})")
+        self._steps, self.planned = steps, (planned, steps)
 
     def _reason(self):
         i = self.trainer.iter
@@ -221,7 +287,7 @@ class EarlyStop(HookBase):
                     if self.best.best is not None else
                     f"SOLVER.PATIENCE {self.patience}: no {self.best.metric} in {self.best.evaluations_without_gain} "
                     "evaluations")
-        minutes = (time.perf_counter() - self._start) / 60
+        minutes = (_now() - self._start) / 60
         if self.max_minutes and minutes >= self.max_minutes:
             return f"SOLVER.MAX_TIME {self.max_minutes:g} min reached ({minutes:.2f} min)"
         return None
@@ -231,6 +297,11 @@ class EarlyStop(HookBase):
         i = trainer.iter
         if i + 1 >= trainer.max_iter:
             return
+        done = i + 1 - self._start_iter
+        if self.max_minutes and self.cfg is not None and (
+                done == self.plan_after or (done > self.plan_after and self.best is not None
+                                            and self.best.last_evaluated == i)):
+            self._plan()
         reason = _broadcast(self._reason())
         if reason is None:
             return
@@ -306,5 +377,6 @@ def schedule_hooks(trainer, hooks: list) -> list:
         moved = [h for h in hooks[:at] if isinstance(h, PeriodicCheckpointer)]
         hooks = [h for h in hooks[:at] if h not in moved] + [evals[0], best] + moved + hooks[at + 1:]
     if cfg.SOLVER.PATIENCE > 0 or cfg.SOLVER.MAX_TIME > 0:
-        hooks.append(EarlyStop(best, cfg.SOLVER.PATIENCE, cfg.SOLVER.MAX_TIME))
+        hooks.append(EarlyStop(best, cfg.SOLVER.PATIENCE, cfg.SOLVER.MAX_TIME, cfg=cfg,
+                               plan_after=cfg.SOLVER.WARMUP_ITERS + 20))
     return hooks
