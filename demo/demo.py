@@ -120,7 +120,10 @@ def setup_cfg(path, opts, device=None):
         cfg.MODEL.DEVICE = resolve_device(device or cfg.MODEL.DEVICE, explicit=device is not None)
     except YolactUserError as e:
         raise DemoError(_line(e)) from None
-    weights = cfg.MODEL.WEIGHTS
+    from yolact_d2.checkpointer import trained_weights
+
+    # Empty MODEL.WEIGHTS (a train_net.py run's config.yaml): that run's model_best.pth or model_final.pth.
+    weights = cfg.MODEL.WEIGHTS = trained_weights(cfg.MODEL.WEIGHTS, cfg.OUTPUT_DIR)
     if weights and "://" not in weights and not os.path.isfile(weights):
         raise DemoError(
             f"MODEL.WEIGHTS file {weights} not found; pass --opts MODEL.WEIGHTS /path/to/yolact_checkpoint.pth"

@@ -394,3 +394,16 @@ def test_every_trainer_hook_saves_through_the_safe_checkpointer(tmp_path):
     assert len(periodic) == 1 and isinstance(periodic[0], PeriodicCheckpointer)
     assert type(trainer.checkpointer) is YolactCheckpointer and periodic[0].checkpointer is trainer.checkpointer
     assert periodic[0].max_to_keep == 2 and CHECKPOINT_METADATA_KEY in trainer.checkpointer.checkpointables
+
+
+def test_trained_weights_prefers_the_given_file_then_the_best_then_the_final(tmp_path, caplog):
+    from yolact_d2.checkpointer import trained_weights
+
+    caplog.set_level("INFO", logger="yolact_d2")
+    assert trained_weights("given.pth", str(tmp_path)) == "given.pth"
+    assert trained_weights("", str(tmp_path)) == "" and "holds no model_best.pth or model_final.pth" in caplog.text
+    (tmp_path / "model_final.pth").write_bytes(b"")
+    assert trained_weights("", str(tmp_path)) == str(tmp_path / "model_final.pth")
+    (tmp_path / "model_best.pth").write_bytes(b"")
+    assert trained_weights("", str(tmp_path)) == str(tmp_path / "model_best.pth")
+    assert f"MODEL.WEIGHTS is empty: using {tmp_path / 'model_best.pth'} (the best periodic evaluation)" in caplog.text

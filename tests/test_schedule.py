@@ -201,6 +201,16 @@ def test_epochs_periodic_evaluation_and_tide_through_train_net(tmp_path, subsets
     tide = json.loads((out / "inference" / "tide.json").read_text())
     assert set(tide) == {"bbox", "segm"}
     assert set(tide["segm"]["main"]) == {"Cls", "Loc", "Both", "Dupe", "Bkg", "Miss"}
+    # --eval-only with the run's config.yaml and no MODEL.WEIGHTS evaluates model_best.pth, and says so.
+    records = [json.loads(line) for line in (out / "metrics.json").read_text().splitlines()]
+    best = [r["best/segm/AP"] for r in records if "best/segm/AP" in r][-1]
+    again = train_net("--config-file", out / "config.yaml", "--eval-only", "TEST.TIDE", "False")
+    assert again.returncode == 0, again.stderr[-3000:]
+    log = (out / "log.txt").read_text().split("Full config saved to")[-1]  # the evaluation's own lines
+    assert f"MODEL.WEIGHTS is empty: using {out / 'model_best.pth'} (the best periodic evaluation)" in log
+    lines = log.splitlines()
+    segm = [lines[i + 2] for i, line in enumerate(lines) if line.endswith("copypaste: Task: segm")][-1]
+    assert float(segm.split("copypaste: ")[1].split(",")[0]) == pytest.approx(best, abs=1e-3)
 
 
 def test_budget_steps_arithmetic():

@@ -24,7 +24,7 @@ from detectron2.modeling import build_model  # noqa: E402
 from yolact_d2.config import load_config  # noqa: E402
 from yolact_d2.console import HelpFormatter  # noqa: E402
 from yolact_d2.checkpoint import adopt_checkpoint_metadata, checkpoint_metadata  # noqa: E402
-from yolact_d2.checkpointer import load_weights  # noqa: E402
+from yolact_d2.checkpointer import load_weights, trained_weights  # noqa: E402
 from yolact_d2.errors import MissingFileError, run_main  # noqa: E402
 from yolact_d2.export import DEFAULT_OPSET, DEFORM_CONV_OPSET, ExportError, export_model, quantize_onnx  # noqa: E402
 from yolact_d2.predictor import check_class_names, resolve_metadata  # noqa: E402
@@ -92,6 +92,8 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     cfg = load_config(args.config_file, args.opts)
     cfg.MODEL.DEVICE = "cpu"  # traced on the CPU; the graphs themselves are device-free
+    # Empty MODEL.WEIGHTS (a train_net.py run's config.yaml): that run's model_best.pth or model_final.pth.
+    cfg.MODEL.WEIGHTS = trained_weights(cfg.MODEL.WEIGHTS, cfg.OUTPUT_DIR)
     cfg.freeze()
     if args.sample_image:
         image = cv2.imread(args.sample_image, cv2.IMREAD_COLOR)

@@ -42,6 +42,7 @@ from .checkpoint import CheckpointLayoutError
 from .errors import MissingFileError, YolactUserError
 
 __all__ = [
+    "trained_weights",
     "YolactCheckpointer", "PeriodicCheckpointer", "load_weights", "LoadedWeights", "read_checkpoint",
     "UnsafeCheckpointError", "UnreadableCheckpointError", "DiskFullError", "PICKLE_GLOBALS",
     "TRAINING_MIN_SHARE",
@@ -358,3 +359,25 @@ class PeriodicCheckpointer(hooks.PeriodicCheckpointer):
         if self.max_to_keep:
             pattern = re.compile(re.escape(self.file_prefix) + r"_\d{7}\.pth$")
             self.recent_checkpoints = [os.path.join(folder, n) for n in sorted(os.listdir(folder)) if pattern.match(n)]
+
+
+# What a run leaves in OUTPUT_DIR, in the order a model to evaluate or run is looked for.
+TRAINED_WEIGHTS = ("model_best.pth", "model_final.pth")
+
+
+def trained_weights(weights: str, output_dir: str) -> str:
+    """The weights to evaluate, run or export: ``weights`` (``MODEL.WEIGHTS``) when given;
+    otherwise ``output_dir``'s ``model_best.pth`` (the best periodic evaluation, SOLVER.BEST_CHECKPOINT),
+    else its ``model_final.pth``, else "" (random weights). One log line says which file, or
+    that there is none."""
+    if weights:
+        return weights
+    for name in TRAINED_WEIGHTS:
+        path = os.path.join(output_dir, name) if output_dir else ""
+        if path and os.path.isfile(path):
+            logger.info(f"MODEL.WEIGHTS is empty: using {path}" + (
+                " (the best periodic evaluation)" if name == "model_best.pth" else ""))
+            return path
+    logger.warning(f"MODEL.WEIGHTS is empty and OUTPUT_DIR {output_dir or '(none)'} holds no "
+                   f"{' or '.join(TRAINED_WEIGHTS)}: random weights")
+    return ""

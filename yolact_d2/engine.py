@@ -28,7 +28,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from .checkpoint import CHECKPOINT_METADATA_KEY, TrainingMetadata, load_for_evaluation
-from .checkpointer import TRAINING_MIN_SHARE, PeriodicCheckpointer, YolactCheckpointer
+from .checkpointer import TRAINING_MIN_SHARE, PeriodicCheckpointer, YolactCheckpointer, trained_weights
 from .config import load_config
 from .console import HelpFormatter, plain_files_and_pipes, quiet_console
 from .data import YolactDatasetMapper
@@ -286,7 +286,8 @@ def main(args):
         elif args.eval_only:
             model = Trainer.build_model(cfg)
             # With the names and input format training stored in the weights (none in older files).
-            cfg = load_for_evaluation(model, cfg, cfg.MODEL.WEIGHTS, cfg.OUTPUT_DIR, args.resume)
+            weights = cfg.MODEL.WEIGHTS if args.resume else trained_weights(cfg.MODEL.WEIGHTS, cfg.OUTPUT_DIR)
+            cfg = load_for_evaluation(model, cfg, weights, cfg.OUTPUT_DIR, args.resume)
         else:
             trainer = Trainer(cfg)  # builds the model, the optimizer and the data loader
             trainer.resume_or_load(resume=args.resume)
