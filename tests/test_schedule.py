@@ -255,3 +255,27 @@ def test_max_time_moves_the_lr_steps_to_the_iterations_that_fit(tmp_path, caplog
     assert trainer.iter == 11 and evaluated == [10]
     lrs = {it: lr for lr, it in trainer.storage.history("lr").values()}
     assert [lrs[i] for i in (4, 5, 6, 10)] == pytest.approx([0.01, 0.01, 0.001, 0.001])
+
+
+def test_own_json_data_gets_periodic_evaluation_and_the_best_checkpoint(caplog):
+    """--train-json with --val-json and no period: 300 iterations of 26 per epoch (101 images at
+    batch 4) are 12 epochs; TEST.AUTO_EVALUATIONS 5 -> every 3 epochs = 78 iterations, model_best.pth
+    kept. A period given, AUTO_EVALUATIONS 0 or a built-in dataset leave the config alone."""
+    from yolact_d2.schedule import apply_schedule_units
+
+    caplog.set_level("INFO", logger="yolact_d2")
+    json_opts = ["DATASETS.TRAIN_JSON", "t.json", "DATASETS.TEST_JSON", "v.json", "SOLVER.IMS_PER_BATCH", "4",
+                 "SOLVER.MAX_ITER", "300"]
+    cfg = yolact_cfg(CONFIG, json_opts)
+    apply_schedule_units(cfg, lambda: [{}] * 101)
+    assert cfg.TEST.EVAL_PERIOD == 78 and cfg.SOLVER.BEST_CHECKPOINT
+    assert "TEST.AUTO_EVALUATIONS 5: SOLVER.MAX_ITER 300 = 12 epochs of 26 iterations (101 training images) -> " \
+           "TEST.EVAL_PERIOD 78 (every 3 epochs), SOLVER.BEST_CHECKPOINT True" in caplog.text
+    apply_schedule_units(cfg, lambda: [{}] * 101)  # the saved config.yaml again: unchanged
+    assert cfg.TEST.EVAL_PERIOD == 78
+    for opts in (json_opts + ["TEST.EVAL_PERIOD", "50"], json_opts + ["TEST.AUTO_EVALUATIONS", "0"],
+                 json_opts[4:]):
+        cfg = yolact_cfg(CONFIG, opts)
+        period = cfg.TEST.EVAL_PERIOD
+        apply_schedule_units(cfg, lambda: [{}] * 101)
+        assert cfg.TEST.EVAL_PERIOD == period and not cfg.SOLVER.BEST_CHECKPOINT

@@ -186,6 +186,11 @@ def add_yolact_config(cfg):
     # EPOCHS x iterations per epoch (ceil(training images / SOLVER.IMS_PER_BATCH)) at setup, logged.
     # 0: TEST.EVAL_PERIOD as given (iterations; 0 = only at the end).
     _C.TEST.EVAL_PERIOD_EPOCHS = 0
+    # Your own data (DATASETS.TRAIN_JSON and TEST_JSON, train_net.py --train-json / --val-json) with
+    # neither TEST.EVAL_PERIOD nor EVAL_PERIOD_EPOCHS set: evaluate about this many times in the run
+    # (every ceil(epochs of MAX_ITER / this) epochs) and set SOLVER.BEST_CHECKPOINT, at setup,
+    # logged. 0: off (only the final evaluation). Built-in datasets are unaffected.
+    _C.TEST.AUTO_EVALUATIONS = 5
     # Train for this many epochs (int, > 0) instead of SOLVER.MAX_ITER: at setup MAX_ITER becomes
     # MAX_EPOCHS x iterations per epoch and SOLVER.STEPS are scaled by new / old MAX_ITER (logged).
     # 0: SOLVER.MAX_ITER as given.

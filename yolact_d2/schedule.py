@@ -57,6 +57,8 @@ def apply_schedule_units(cfg, dataset_dicts, eval_only: bool = False) -> None:
     - ``SOLVER.MAX_EPOCHS`` E > 0: ``MAX_ITER`` = E x iterations per epoch; each of ``STEPS``
       scaled by new / old ``MAX_ITER`` (rounded), so the decays stay at the same fraction.
     - ``TEST.EVAL_PERIOD_EPOCHS`` P > 0: ``TEST.EVAL_PERIOD`` = P x iterations per epoch.
+    - ``TEST.AUTO_EVALUATIONS`` N > 0 with ``DATASETS.TRAIN_JSON`` and ``TEST_JSON`` and no period
+      set: ``TEST.EVAL_PERIOD`` = ceil(epochs of ``MAX_ITER`` / N) epochs, ``SOLVER.BEST_CHECKPOINT`` True.
 
     Both are logged with the arithmetic. Running it again on the converted config (a saved
     ``config.yaml``, ``--resume``) gives the same values.
@@ -86,6 +88,16 @@ def apply_schedule_units(cfg, dataset_dicts, eval_only: bool = False) -> None:
         if t.EVAL_PERIOD_EPOCHS > 0:
             t.EVAL_PERIOD = t.EVAL_PERIOD_EPOCHS * per_epoch
             logger.info(f"TEST.EVAL_PERIOD_EPOCHS {t.EVAL_PERIOD_EPOCHS}: {basis} -> TEST.EVAL_PERIOD {t.EVAL_PERIOD}")
+    if (t.AUTO_EVALUATIONS > 0 and cfg.DATASETS.TRAIN_JSON and cfg.DATASETS.TEST_JSON
+            and t.EVAL_PERIOD <= 0 and t.EVAL_PERIOD_EPOCHS <= 0):
+        num_images = len(dataset_dicts())
+        per_epoch = iterations_per_epoch(num_images, s.IMS_PER_BATCH)
+        epochs = math.ceil(s.MAX_ITER / per_epoch)
+        every = math.ceil(epochs / t.AUTO_EVALUATIONS)
+        t.EVAL_PERIOD, s.BEST_CHECKPOINT = every * per_epoch, True
+        logger.info(f"--train-json with --val-json: TEST.AUTO_EVALUATIONS {t.AUTO_EVALUATIONS}: SOLVER.MAX_ITER "
+                    f"{s.MAX_ITER} = {epochs} epochs of {per_epoch} iterations ({num_images} training images) -> "
+                    f"TEST.EVAL_PERIOD {t.EVAL_PERIOD} (every {every} epochs), SOLVER.BEST_CHECKPOINT True")
     for key, on in (("SOLVER.PATIENCE", s.PATIENCE > 0), ("SOLVER.BEST_CHECKPOINT", s.BEST_CHECKPOINT)):
         if on and (t.EVAL_PERIOD <= 0 or not len(cfg.DATASETS.TEST)):
             raise ConfigError(f"{key} needs periodic evaluation on a test set: set TEST.EVAL_PERIOD "
