@@ -599,8 +599,10 @@ def test_benchmark_times_the_exported_graph_beside_eager(onnx_files, int8_file, 
     assert all(v > 0 for v in kernels.values())  # every stage found by its node names
     # The kernels run one after another inside the profiled run, so their sum fits in its wall time
     # (a comparison with the unprofiled runs' median would be a timing test: CI saw 2.4x under load).
+    # Each node's duration comes from its own pair of clock reads, so under load the sum can pass
+    # the run's by a hair (seen: 1770.0 against 1767.1 ms); counting a second run would double it.
     profiled = exported["graph_stages"]["profiled_run_ms_per_image"]
-    assert 0.3 * profiled <= sum(kernels.values()) <= profiled
+    assert 0.3 * profiled <= sum(kernels.values()) <= 1.02 * profiled
     assert data["exported"][0]["sentence"] in run.stdout
     int8 = data["models"][2]
     assert int8["exported_file"] == int8_file and len({m["label"] for m in data["models"]}) == 3

@@ -576,7 +576,7 @@ def profile_onnx_graph(path: str, images_bgr: Sequence[np.ndarray], threads: int
 
     Returns ``kernel_ms_per_image`` and ``share`` per stage key, ``profiled_run_ms_per_image`` (the
     wall time of the counted runs, as the profiler's ``model_run`` events give it: the kernels run one
-    after another inside it, so their sum cannot exceed it), and ``source``."""
+    after another inside it, so their sum stays within it, up to the per-node clock reads' error), and ``source``."""
     import json
     import tempfile
 
