@@ -115,19 +115,20 @@ def paste_instances(
         T.ResizeTransform(h, w, nh, nw),
         T.PadTransform(x0, y0, w - nw - x0, h - nh - y0, orig_w=nw, orig_h=nh),
     ])
+    chosen = torch.as_tensor(chosen, dtype=torch.bool)
     dst_masks = _bitmasks(instances, (h, w))
-    src_masks = _bitmasks(src_instances, (h, w))[torch.as_tensor(chosen, dtype=torch.bool)]
-    pasted = np.stack([tfm.apply_segmentation(m.numpy().astype(np.uint8)) for m in src_masks]).astype(bool) \
-        if len(src_masks) else np.zeros((0, h, w), dtype=bool)
-    pasted = torch.from_numpy(pasted)
-    covered = pasted.any(dim=0) if len(pasted) else torch.zeros((h, w), dtype=torch.bool)
+    # Each chosen source mask moved with its image (nearest-neighbour resize, zero padding).
+    pasted = torch.zeros((int(chosen.sum()), h, w), dtype=torch.bool)
+    for k, m in enumerate(_bitmasks(src_instances, (h, w))[chosen]):
+        pasted[k] = torch.from_numpy(tfm.apply_segmentation(m.numpy().astype(np.uint8)).astype(bool))
+    covered = pasted.any(dim=0)
 
     out_image = image.copy()
     moved = tfm.apply_image(src_image)
     out_image[covered.numpy()] = moved[covered.numpy()]
 
     masks = torch.cat([dst_masks & ~covered, pasted], dim=0)
-    classes = torch.cat([instances.gt_classes, src_instances.gt_classes[torch.as_tensor(chosen, dtype=torch.bool)]])
+    classes = torch.cat([instances.gt_classes, src_instances.gt_classes[chosen]])
     out = Instances((h, w))
     out.gt_masks = BitMasks(masks)
     out.gt_boxes = out.gt_masks.get_bounding_boxes()
