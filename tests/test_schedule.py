@@ -224,14 +224,19 @@ def test_budget_steps_arithmetic():
 
 @pytest.mark.slow
 def test_max_time_moves_the_lr_steps_to_the_iterations_that_fit(tmp_path, caplog, monkeypatch):
-    """A scripted clock (6 s per iteration), SOLVER.MAX_TIME 1 min, MAX_ITER 100, STEPS (50,): the
-    plan after 5 iterations (plan_after, WARMUP_ITERS + 20 in a real run, set to 5 here) moves the
-    lr step to half of the 12 iterations that fit, and the budget ends the run."""
+    """A scripted clock, SOLVER.MAX_TIME 1 min, MAX_ITER 100, STEPS (50,): the plan after 5
+    iterations at 6 s each (plan_after, WARMUP_ITERS + 20 in a real run, set to 5 here) moves the lr
+    step to half of the 12 iterations that fit; the run then speeds up and goes past them at the
+    decayed lr until the budget ends it."""
     from yolact_d2 import schedule
 
     caplog.set_level("INFO", logger="yolact_d2")
     holder = {}
-    monkeypatch.setattr(schedule, "_now", lambda: 6.0 * holder["trainer"].iter if "trainer" in holder else 0.0)
+    def clock():  # 6 s per iteration for 5 iterations, then 3 s: the run outlives the plan
+        i = holder["trainer"].iter if "trainer" in holder else 0
+        return 6.0 * min(i, 5) + 3.0 * max(i - 5, 0)
+
+    monkeypatch.setattr(schedule, "_now", clock)
     real_init = schedule.EarlyStop.__init__
 
     def init(self, *args, **kwargs):
@@ -251,10 +256,10 @@ def test_max_time_moves_the_lr_steps_to_the_iterations_that_fit(tmp_path, caplog
     # After iteration 4 (5 done, the clock at 24 s: 4.8 s each), 36 s left fit 7 more: 12 planned, step 6.
     assert "SOLVER.MAX_TIME 1 min: 5 iterations in 0.40 min -> about 12 iterations fit (SOLVER.MAX_ITER 100); " \
            "lr steps (6,) (were (50,))" in caplog.text
-    # The clock reaches 60 s after iteration 10: the last one.
-    assert trainer.iter == 11 and evaluated == [10]
+    # Then faster: the clock reaches 60 s after iteration 15, past the 12 planned, at the last lr.
+    assert trainer.iter == 16 and evaluated == [15]
     lrs = {it: lr for lr, it in trainer.storage.history("lr").values()}
-    assert [lrs[i] for i in (4, 5, 6, 10)] == pytest.approx([0.01, 0.01, 0.001, 0.001])
+    assert [lrs[i] for i in (4, 5, 6, 12, 15)] == pytest.approx([0.01, 0.01, 0.001, 0.001, 0.001])
 
 
 def test_own_json_data_gets_periodic_evaluation_and_the_best_checkpoint(caplog):

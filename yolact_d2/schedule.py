@@ -246,9 +246,9 @@ class EarlyStop(HookBase):
 
     With a time budget and ``cfg`` (the run's config) the lr steps follow the budget: once
     ``plan_after`` iterations have run, and again after each periodic evaluation, the iterations
-    that fit (:func:`budget_steps`, the mean pace so far, evaluations included) replace
-    ``SOLVER.MAX_ITER`` in the lr schedule, so ``SOLVER.STEPS`` stay at their fractions of the
-    planned total; logged each time. Once an lr step has been passed the plan is kept. The
+    that fit (:func:`budget_steps`, the mean pace so far, evaluations included) move
+    ``SOLVER.STEPS`` to their fractions of that planned total (the lr schedule is rebuilt with
+    them, still over ``SOLVER.MAX_ITER``); logged each time. Once an lr step has been passed the plan is kept. The
     trainer's ``max_iter`` stays the upper bound; the budget ends the run."""
 
     def __init__(self, best=None, patience: int = 0, max_minutes: float = 0.0, cfg=None, plan_after: int = 20):
@@ -279,7 +279,9 @@ class EarlyStop(HookBase):
             return
         plan_cfg = cfg.clone()
         plan_cfg.defrost()
-        plan_cfg.SOLVER.MAX_ITER, plan_cfg.SOLVER.STEPS = planned, steps
+        # MAX_ITER stays the upper bound the schedule is defined on: a run faster than planned goes on
+        # past `planned` at the last lr.
+        plan_cfg.SOLVER.STEPS = steps
         scheduler = build_lr_scheduler(plan_cfg, trainer.optimizer)
         scheduler.last_epoch = i
         scheduler.step()  # the lr of iteration i + 1 under the new plan
