@@ -59,10 +59,8 @@ def load_model(cfg):
     (:func:`yolact_d2.checkpoint.checkpoint_metadata`: class names, input format; ``{}`` if none)."""
     model = build_model(cfg)
     meta = {}
-    if cfg.MODEL.WEIGHTS:
+    if cfg.MODEL.WEIGHTS:  # empty: random weights, which trained_weights has warned of
         meta = checkpoint_metadata(load_weights(model, cfg.MODEL.WEIGHTS).extra)
-    else:
-        logging.getLogger("yolact_d2").warning("MODEL.WEIGHTS is empty: exporting random weights")
     return model.eval(), meta
 
 

@@ -74,9 +74,13 @@ def apply_schedule_units(cfg, dataset_dicts, eval_only: bool = False) -> None:
                        ("SOLVER.PATIENCE", s.PATIENCE), ("SOLVER.MAX_TIME", s.MAX_TIME)):
         if value < 0:
             raise ConfigError(f"{key} is {value}; give a value >= 0 (0 = off)")
+
+    def epoch_size():  # (training images, iterations per epoch): the dataset is read only when needed
+        n = len(dataset_dicts())
+        return n, iterations_per_epoch(n, s.IMS_PER_BATCH)
+
     if s.MAX_EPOCHS > 0 or t.EVAL_PERIOD_EPOCHS > 0:
-        num_images = len(dataset_dicts())
-        per_epoch = iterations_per_epoch(num_images, s.IMS_PER_BATCH)
+        num_images, per_epoch = epoch_size()
         basis = (f"{num_images} training images / SOLVER.IMS_PER_BATCH {s.IMS_PER_BATCH} = "
                  f"{per_epoch} iterations per epoch")
         if s.MAX_EPOCHS > 0:
@@ -88,10 +92,9 @@ def apply_schedule_units(cfg, dataset_dicts, eval_only: bool = False) -> None:
         if t.EVAL_PERIOD_EPOCHS > 0:
             t.EVAL_PERIOD = t.EVAL_PERIOD_EPOCHS * per_epoch
             logger.info(f"TEST.EVAL_PERIOD_EPOCHS {t.EVAL_PERIOD_EPOCHS}: {basis} -> TEST.EVAL_PERIOD {t.EVAL_PERIOD}")
-    if (t.AUTO_EVALUATIONS > 0 and cfg.DATASETS.TRAIN_JSON and cfg.DATASETS.TEST_JSON
-            and t.EVAL_PERIOD <= 0 and t.EVAL_PERIOD_EPOCHS <= 0):
-        num_images = len(dataset_dicts())
-        per_epoch = iterations_per_epoch(num_images, s.IMS_PER_BATCH)
+    # EVAL_PERIOD_EPOCHS, when given, has set EVAL_PERIOD above.
+    if t.AUTO_EVALUATIONS > 0 and cfg.DATASETS.TRAIN_JSON and cfg.DATASETS.TEST_JSON and t.EVAL_PERIOD <= 0:
+        num_images, per_epoch = epoch_size()
         epochs = math.ceil(s.MAX_ITER / per_epoch)
         every = math.ceil(epochs / t.AUTO_EVALUATIONS)
         t.EVAL_PERIOD, s.BEST_CHECKPOINT = every * per_epoch, True
@@ -255,7 +258,6 @@ class EarlyStop(HookBase):
         self.best, self.patience, self.max_minutes = best, patience, max_minutes
         self.cfg, self.plan_after = cfg, int(plan_after)
         self.stopped_at = None
-        self.planned = None  # (planned iterations, lr steps) of the latest plan
 
     def before_train(self):
         self._start = _now()
@@ -290,7 +292,7 @@ class EarlyStop(HookBase):
                     f"{elapsed / 60:.2f} min -> about "
                     f"{planned} iterations fit (SOLVER.MAX_ITER {cfg.SOLVER.MAX_ITER}); lr steps {steps} "
                     f"(were {self._steps})")
-        self._steps, self.planned = steps, (planned, steps)
+        self._steps = steps
 
     def _reason(self):
         i = self.trainer.iter

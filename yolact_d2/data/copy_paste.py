@@ -25,10 +25,11 @@ from numpy import random as npr
 import detectron2.data.transforms as T
 from detectron2.config import configurable
 from detectron2.data.common import DatasetFromList
-from detectron2.structures import BitMasks, Boxes, Instances, PolygonMasks
+from detectron2.structures import BitMasks, Instances
 
 from .dataset_mapper import YolactDatasetMapper
 from ..errors import ConfigError
+from ..losses import gt_masks_as_tensor
 
 __all__ = ["CopyPasteDatasetMapper", "paste_instances", "check_copy_paste_config"]
 
@@ -60,14 +61,9 @@ def check_copy_paste_config(cfg) -> None:
         raise ConfigError(f"INPUT.COPY_PASTE.SCALE must be (min, max) with 0 < min <= max <= 1, got {tuple(cp.SCALE)}")
 
 
-def _bitmasks(instances: Instances, image_shape: Tuple[int, int]) -> torch.Tensor:
-    # (N, H, W) bool of the instances' gt_masks, whatever their type.
-    masks = instances.gt_masks
-    if isinstance(masks, PolygonMasks):
-        return BitMasks.from_polygon_masks(masks, *image_shape).tensor.clone()
-    if isinstance(masks, BitMasks):
-        return masks.tensor.clone().bool()
-    return torch.as_tensor(masks).clone().bool()
+def _scaled_size(scale: float, h: int, w: int) -> Tuple[int, int]:
+    # (height, width) in pixels of an h x w source scaled by `scale`, at least 1 x 1.
+    return max(1, int(round(scale * h))), max(1, int(round(scale * w)))
 
 
 def paste_instances(
@@ -107,7 +103,7 @@ def paste_instances(
     h, w = image.shape[:2]
     if src_image.shape[:2] != (h, w):
         raise ValueError(f"copy-paste needs images of one size, got {image.shape[:2]} and {src_image.shape[:2]}")
-    nh, nw = max(1, int(round(scale * h))), max(1, int(round(scale * w)))
+    nh, nw = _scaled_size(scale, h, w)
     x0, y0 = int(offset[0]), int(offset[1])
     if not (0 <= x0 <= w - nw and 0 <= y0 <= h - nh):
         raise ValueError(f"a source of {nw}x{nh} pixels does not fit a {w}x{h} image at offset {(x0, y0)}")
@@ -116,16 +112,16 @@ def paste_instances(
         T.PadTransform(x0, y0, w - nw - x0, h - nh - y0, orig_w=nw, orig_h=nh),
     ])
     chosen = torch.as_tensor(chosen, dtype=torch.bool)
-    dst_masks = _bitmasks(instances, (h, w))
+    dst_masks = gt_masks_as_tensor(instances) > 0.5
     # Each chosen source mask moved with its image (nearest-neighbour resize, zero padding).
     pasted = torch.zeros((int(chosen.sum()), h, w), dtype=torch.bool)
-    for k, m in enumerate(_bitmasks(src_instances, (h, w))[chosen]):
+    for k, m in enumerate(gt_masks_as_tensor(src_instances)[chosen]):
         pasted[k] = torch.from_numpy(tfm.apply_segmentation(m.numpy().astype(np.uint8)).astype(bool))
     covered = pasted.any(dim=0)
 
     out_image = image.copy()
-    moved = tfm.apply_image(src_image)
-    out_image[covered.numpy()] = moved[covered.numpy()]
+    where = covered.numpy()
+    out_image[where] = tfm.apply_image(src_image)[where]
 
     masks = torch.cat([dst_masks & ~covered, pasted], dim=0)
     classes = torch.cat([instances.gt_classes, src_instances.gt_classes[chosen]])
@@ -212,7 +208,7 @@ class CopyPasteDatasetMapper(YolactDatasetMapper):
             if not chosen.any():
                 chosen[npr.randint(n)] = True
             s = npr.uniform(*self.scale)
-            nh, nw = max(1, int(round(s * h))), max(1, int(round(s * w)))
+            nh, nw = _scaled_size(s, h, w)
             offset = (npr.randint(w - nw + 1), npr.randint(h - nh + 1))
             image, instances = paste_instances(
                 image, instances, src_image, src["instances"], chosen, s, offset, self.min_box_size
